@@ -1,0 +1,2 @@
+// Removed once the model sources land.
+namespace cleave::model {}
