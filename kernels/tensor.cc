@@ -52,6 +52,15 @@ Tensor Tensor::Slice0(int64_t begin, int64_t end) const {
   return t;
 }
 
+Tensor Tensor::Narrow(int dim, int64_t start, int64_t length) const {
+  if (dim < 0) dim += ndim_;
+  assert(dim >= 0 && dim < ndim_ && start >= 0 && start + length <= shape_[dim]);
+  Tensor t = *this;
+  t.shape_[dim] = length;
+  t.data_ = static_cast<char*>(data_) + start * strides_[dim] * static_cast<int64_t>(DTypeSize(dtype_));
+  return t;
+}
+
 Tensor Tensor::Reshape(std::initializer_list<int64_t> shape) const {
   assert(is_contiguous());
   Tensor t(data_, dtype_, shape, device_);

@@ -77,12 +77,30 @@ inline float F16ToF32(uint16_t h) {
   return f;
 }
 
+// IEEE binary16 with round-to-nearest-even, overflow to inf, subnormals and NaN handled. Written
+// with bit operations because clang 14 has no _Float16 on x86-64.
 inline uint16_t F32ToF16(float f) {
-  // _Float16 is available in GCC 12 / clang 14 on x86-64 and rounds to nearest even.
-  _Float16 h = static_cast<_Float16>(f);
-  uint16_t out;
-  std::memcpy(&out, &h, 2);
-  return out;
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t abs = x & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                       // below the smallest normal half: subnormal
+    if (abs < 0x33000000u) return sign;          // < 2^-25 rounds to zero
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - exp;            // 14..24
+    uint32_t half = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1);
+    const uint32_t mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1u))) ++half;
+    return sign | static_cast<uint16_t>(half);
+  }
+  uint32_t half = ((abs >> 13) - (112u << 10));  // rebias exponent 127 -> 15
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) ++half;  // may carry into the exponent
+  return sign | static_cast<uint16_t>(half);
 }
 
 }  // namespace cleave::kernels

@@ -38,6 +38,9 @@ class Tensor {
 
   // View of rows [begin, end) along dim 0; no copy.
   Tensor Slice0(int64_t begin, int64_t end) const;
+  // View of [start, start + length) along `dim` (strides kept, so rows may become
+  // non-contiguous: e.g. the q columns of a fused [T, q + 2 * kv] projection).
+  Tensor Narrow(int dim, int64_t start, int64_t length) const;
   // Same memory, new contiguous shape with the same numel (requires is_contiguous()).
   Tensor Reshape(std::initializer_list<int64_t> shape) const;
   // "f32[4, 8]" for error messages.

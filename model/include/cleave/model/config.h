@@ -36,6 +36,10 @@ struct ModelConfig {
   std::string torch_dtype = "float32";
   int kv_block_size = 16;       // cleave's paged-KV block size; not an HF field
 
+  bool IsEos(int id) const {
+    for (int e : eos_token_ids) if (e == id) return true;
+    return id == eos_token_id;
+  }
   int q_size() const { return num_attention_heads * head_dim; }
   int kv_size() const { return num_key_value_heads * head_dim; }
 };

@@ -1,2 +1,0 @@
-// Removed once the model sources land.
-namespace cleave::model {}

@@ -1,0 +1,140 @@
+// `cleave generate`: offline generation in one process, streaming the completion to stdout and a
+// summary line to stderr.
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "cleave/kernels/gemm.h"
+#include "cleave/model/generator.h"
+#include "cleave/model/llama.h"
+#include "cleave/model/tokenizer.h"
+#include "commands.h"
+
+namespace cleave::cli {
+namespace {
+
+int g_exit_code = 0;
+
+struct GenerateArgs {
+  std::string model_dir;
+  std::string prompt;
+  int max_tokens = 256;
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int top_k = 0;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  int64_t seed = -1;
+  int threads = 0;
+  bool ignore_eos = false;
+  int prefill_chunk = 512;
+};
+
+absl::Status RunGenerate(const GenerateArgs& a) {
+  kernels::SetCpuThreads(a.threads);
+  std::error_code ec;
+  if (!std::filesystem::is_directory(a.model_dir, ec)) {
+    return absl::NotFoundError(absl::StrCat("model directory ", a.model_dir, " does not exist"));
+  }
+  auto model_or = model::LlamaModel::Load(a.model_dir);
+  if (!model_or.ok()) {
+    return absl::Status(model_or.status().code(),
+                        absl::StrCat("cannot load model from ", a.model_dir, ": ", model_or.status().message()));
+  }
+  const model::LlamaModel& llm = **model_or;
+  auto tok_or = model::LoadTokenizer(a.model_dir);
+  if (!tok_or.ok()) return tok_or.status();
+  const model::Tokenizer& tok = **tok_or;
+
+  auto ids_or = tok.Encode(a.prompt, /*add_bos=*/true);
+  if (!ids_or.ok()) return ids_or.status();
+  model::GenerateRequest req;
+  req.prompt_ids = std::move(*ids_or);
+  if (req.prompt_ids.empty()) return absl::InvalidArgumentError("the tokenizer has no BOS and the prompt is empty");
+  req.max_tokens = a.max_tokens;
+  req.ignore_eos = a.ignore_eos;
+  req.sampling.temperature = a.temperature;
+  req.sampling.top_p = a.top_p;
+  req.sampling.top_k = a.top_k;
+  req.sampling.min_p = a.min_p;
+  req.sampling.repetition_penalty = a.repetition_penalty;
+  // Without --seed every run draws a fresh seed, like the OpenAI API without `seed`.
+  req.sampling.has_seed = true;
+  req.sampling.seed = a.seed >= 0 ? static_cast<uint64_t>(a.seed)
+                                  : (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
+
+  model::GeneratorOptions gopts;
+  gopts.prefill_chunk = a.prefill_chunk;
+  gopts.kv_block_size = llm.config().kv_block_size;
+  auto gen_or = model::Generator::Create(llm, gopts);
+  if (!gen_or.ok()) return gen_or.status();
+
+  std::fputs(a.prompt.c_str(), stdout);
+  std::fflush(stdout);
+  model::IncrementalDetokenizer detok(tok, req.prompt_ids, /*skip_special_tokens=*/true);
+  absl::Status stream_status;
+  auto on_token = [&](int32_t token) {
+    auto piece = detok.Push(token);
+    if (!piece.ok()) {
+      stream_status = piece.status();
+      return false;
+    }
+    std::fwrite(piece->data(), 1, piece->size(), stdout);
+    std::fflush(stdout);
+    return true;
+  };
+  auto result = (*gen_or)->Generate(req, on_token);
+  if (!result.ok()) return result.status();
+  if (!stream_status.ok()) return stream_status;
+  const std::string tail = detok.Flush();
+  std::fwrite(tail.data(), 1, tail.size(), stdout);
+  std::fputs("\n", stdout);
+  std::fflush(stdout);
+  std::fprintf(stderr,
+               "%s\n",
+               absl::StrFormat("[cleave generate] prompt_tokens=%d generated_tokens=%d "
+                               "time_to_first_token_ms=%.2f decode_tokens_per_s=%.1f total_s=%.3f "
+                               "finish_reason=%s threads=%d",
+                               req.prompt_ids.size(), result->tokens.size(),
+                               result->time_to_first_token_s * 1e3, result->decode_tokens_per_s,
+                               result->total_s,
+                               result->finish_reason == model::FinishReason::kStop ? "stop" : "length",
+                               kernels::CpuThreads())
+                   .c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ExitCode() { return g_exit_code; }
+
+void Fail(const absl::Status& status) {
+  std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
+  g_exit_code = status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+void RegisterGenerate(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  auto* cmd = app.add_subcommand("generate", "generate text offline in one process");
+  cmd->add_option("--model", args->model_dir, "Hugging Face-style model directory")->required();
+  cmd->add_option("--prompt", args->prompt, "prompt text (empty: start from BOS)");
+  cmd->add_option("--max-tokens", args->max_tokens, "tokens to generate")->check(CLI::PositiveNumber);
+  cmd->add_option("--temperature", args->temperature, "0 = greedy");
+  cmd->add_option("--top-p", args->top_p, "nucleus sampling mass");
+  cmd->add_option("--top-k", args->top_k, "keep the k most likely tokens (0 = off)");
+  cmd->add_option("--min-p", args->min_p, "drop tokens below min_p * max prob");
+  cmd->add_option("--repetition-penalty", args->repetition_penalty, "HF-style repetition penalty");
+  cmd->add_option("--seed", args->seed, "RNG seed (default: nondeterministic per run)");
+  cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)");
+  cmd->add_option("--prefill-chunk", args->prefill_chunk, "prompt tokens per forward pass")
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--ignore-eos", args->ignore_eos, "keep generating past the end-of-sequence token");
+  cmd->callback([args] {
+    if (absl::Status s = RunGenerate(*args); !s.ok()) Fail(s);
+  });
+}
+
+}  // namespace cleave::cli
