@@ -22,11 +22,11 @@
 namespace cleave::kernels {
 
 struct SamplingParams {
-  float temperature = 1.0f;  // 0 = greedy
-  int top_k = 0;             // <= 0: off
+  float temperature = 1.0f;  // [0, 100]; 0 = greedy
+  int top_k = 0;             // -1 or 0: off; >= vocab: off
   float top_p = 1.0f;        // (0, 1]
   float min_p = 0.0f;        // [0, 1]
-  float repetition_penalty = 1.0f;  // > 0; 1 = off
+  float repetition_penalty = 1.0f;  // > 0, finite; 1 = off
   float presence_penalty = 0.0f;    // [-2, 2]
   float frequency_penalty = 0.0f;   // [-2, 2]
   bool has_seed = false;
@@ -52,12 +52,17 @@ class SamplerState {
   int vocab_size() const { return vocab_size_; }
   // Uniform in [0, 1), from the request's own stream (xoshiro256**, seeded via splitmix64).
   double NextUniform();
-  uint32_t output_count(int32_t token) const { return output_counts_[token]; }
-  bool seen_in_prompt(int32_t token) const { return prompt_seen_[token] != 0; }
+  // Both return 0 / false for ids outside [0, vocab_size), like ids never observed.
+  uint32_t output_count(int32_t token) const {
+    return InVocab(token) ? output_counts_[token] : 0;
+  }
+  bool seen_in_prompt(int32_t token) const { return InVocab(token) && prompt_seen_[token] != 0; }
   // Tokens that appeared anywhere, for sparse penalty application.
   const std::vector<int32_t>& seen_tokens() const { return seen_tokens_; }
 
  private:
+  bool InVocab(int32_t token) const { return token >= 0 && token < vocab_size_; }
+
   SamplingParams params_;
   int vocab_size_;
   uint64_t rng_[4];
@@ -77,6 +82,12 @@ struct SampleResult {
   float logprob = 0.0f;              // filled when params.logprobs or top_logprobs > 0
   std::vector<TokenLogprob> top;     // top_logprobs alternatives, highest first
 };
+
+// Step 1 alone, in place: applies the repetition, frequency and presence penalties recorded in
+// `state` to `logits` (f32 [vocab_size]). O(#distinct tokens seen), not O(vocab). Exposed so a
+// device sampler can reuse the host bookkeeping and so tests can check it exactly.
+// InvalidArgument if logits.size() != vocab_size.
+[[nodiscard]] absl::Status ApplyPenalties(std::span<float> logits, const SamplerState& state);
 
 // Samples one token from `logits` (f32 [vocab_size]); `logits` is used as scratch and is
 // clobbered. Does not call state.ObserveOutput (the caller does, once the token is accepted).
