@@ -188,16 +188,130 @@ def test_strings(rng):
     return out
 
 
-def record(tok, strings):
+def record(tok, strings, with_bos=True):
+    """ids per string, plus decode(ids) where it differs from the string (to keep files small)."""
     entries = []
     for s in strings:
         ids = tok.encode(s, add_special_tokens=False).ids
+        entry = {"ids": ids}
         dec = tok.decode(ids, skip_special_tokens=False)
-        entries.append({"ids": ids, "decode": dec})
-    # A few with the post-processor (BOS) to check add_bos.
-    with_bos = {str(i): tok.encode(strings[i], add_special_tokens=True).ids
-                for i in range(0, len(strings), 23)}
-    return {"encodings": entries, "with_bos": with_bos}
+        if dec != s:
+            entry["decode"] = dec
+        entries.append(entry)
+    out = {"encodings": entries}
+    if with_bos:  # a few through the post-processor (BOS) to check add_bos
+        out["with_bos"] = {str(i): tok.encode(strings[i], add_special_tokens=True).ids
+                           for i in range(0, len(strings), 23)}
+    return out
+
+
+def bytelevel_pre(add_prefix_space=False, use_regex=False):
+    return {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": True,
+            "use_regex": use_regex}
+
+
+def split(pattern, behavior, invert=False, regex=True):
+    return {"type": "Split", "pattern": {"Regex" if regex else "String": pattern},
+            "behavior": behavior, "invert": invert}
+
+
+def seq_pre(*parts):
+    return {"type": "Sequence", "pretokenizers": list(parts)}
+
+
+def added(id_, content, special=False, normalized=False, lstrip=False, rstrip=False,
+          single_word=False):
+    return {"id": id_, "content": content, "single_word": single_word, "lstrip": lstrip,
+            "rstrip": rstrip, "normalized": normalized, "special": special}
+
+
+NFC_STRINGS = [
+    "e\u0301", "E\u0301\u0327", "a\u0328\u0301", "a\u0301\u0328", "\u212b", "\u2126 ohm",
+    "\u0344", "\u1100\u1161\u11a8", "\u1100\u1161 \uac00\u11a8", "\u0958", "\u0f73",
+    "Ve\u0323\u0302t Nam", "\u1e0b\u0323", "q\u0307\u0323", "\u00c5\u0300", "ﬁ ligature",
+    "\u0041\u030a\u0301", "\u05d1\u05bc", "\u0b47\u0b3e", "\u1026\u102e", "\u0300abc",
+    "\U0001d15e", "\u3071 \u306f\u309a", "\ud55c\uad6d\uc5b4", "caf\u0065\u0301 na\u0131\u0308ve",
+]
+ADDED_STRINGS = [
+    "a  <L>  b", "a  <R>  b", "<R> <L>", " \u3000<L>", "<R>  <L>", "x<L>", "foo", "a foo b",
+    "_foo", "foo_", "afoo", "\u00e9foo", "1foo", "foo1", "-foo-", "foofoo", "ab foo", "\u00b2foo",
+    "\u216bfoo", "foo\u200d", "ab c", "xab cy", " ab c", "ab cab c", "<|eot_id|> foo <R>x",
+    "<tool_call><L>foo<R>", "", " ", "<L>",
+]
+
+
+def variants(bases, strings):
+    """(name, base, patch, strings): a base file with some fields replaced ("a/b" = nested)."""
+    every = lambda k, off=0: strings[off::k]
+    nb = 801  # first free id after the bytelevel vocabulary and its added tokens
+    bl_added = json.loads(bases["bytelevel"].to_str())["added_tokens"]
+    sp_added = json.loads(bases["llama2_sp"].to_str())["added_tokens"]
+    uni = [s for s in strings if any(ord(c) > 0x7F for c in s)]
+    return [
+        ("gpt2_regex", "bytelevel", {"pre_tokenizer": bytelevel_pre(False, True)}, every(4)),
+        ("gpt2_prefix_space", "bytelevel", {"pre_tokenizer": bytelevel_pre(True, True)}, every(5, 1)),
+        ("split_merged_previous", "bytelevel",
+         {"pre_tokenizer": seq_pre(split(r"\s+", "MergedWithPrevious"), bytelevel_pre())}, every(7)),
+        ("split_merged_next", "bytelevel",
+         {"pre_tokenizer": seq_pre(split(r"[,.!?\s]", "MergedWithNext"), bytelevel_pre())}, every(7, 2)),
+        ("split_contiguous_string", "bytelevel",
+         {"pre_tokenizer": seq_pre(split(" ", "Contiguous", regex=False), bytelevel_pre())}, every(7, 3)),
+        ("split_removed_inverted", "bytelevel",
+         {"pre_tokenizer": seq_pre(split(r"\p{L}+", "Removed", invert=True), bytelevel_pre())},
+         every(7, 4)),
+        ("digits", "bytelevel",
+         {"pre_tokenizer": seq_pre({"type": "Digits", "individual_digits": True},
+                                   bytelevel_pre(False, True))}, every(6, 5)),
+        ("nfc", "bytelevel", {"normalizer": {"type": "NFC"}}, NFC_STRINGS + uni[::3]),
+        ("added_token_flags", "bytelevel", {"added_tokens": bl_added + [
+            added(nb, "<L>", lstrip=True), added(nb + 1, "<R>", rstrip=True, special=True),
+            added(nb + 2, "foo", single_word=True), added(nb + 3, "ab c", normalized=True)]},
+         ADDED_STRINGS),
+        ("added_normalized_llama2", "llama2_sp", {"added_tokens": sp_added + [
+            added(512, "ab c", normalized=True), added(513, "<L>", lstrip=True, special=True)]},
+         ADDED_STRINGS),
+        ("metaspace_split_always", "llama_metaspace",
+         {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                            "split": True},
+          "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                      "split": True}}, every(6)),
+        ("metaspace_legacy_fields", "llama_metaspace",  # pre-0.19 files: no prepend_scheme/split
+         {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True},
+          "decoder": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}},
+         every(8, 1)),
+        ("metaspace_never", "llama_metaspace",
+         {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never",
+                            "split": True},
+          "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never",
+                      "split": True}}, every(8, 5)),
+        ("spm_whitespace_normalizer", "llama_metaspace",  # transformers 5's generic SPM layout
+         {"normalizer": {"type": "Sequence", "normalizers": [
+             {"type": "Replace", "pattern": {"Regex": r"\A +| +\z"}, "content": ""},
+             {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+             {"type": "Replace", "pattern": {"Regex": "\\A\u2581"}, "content": "\u2581\u2581"}]},
+          "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                            "split": False}}, every(7, 2)),
+        ("strip_normalizer", "llama2_sp",
+         {"normalizer": {"type": "Sequence", "normalizers": [
+             {"type": "Strip", "strip_left": True, "strip_right": True},
+             {"type": "Prepend", "prepend": "\u2581"},
+             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}}, every(6, 3)),
+        ("unk_fused", "llama2_sp", {"model/byte_fallback": False}, uni[::4]),
+        ("unk_unfused", "llama2_sp", {"model/byte_fallback": False, "model/fuse_unk": False},
+         uni[1::4]),
+    ]
+
+
+def apply_patch(base_json, patch):
+    d = json.loads(base_json)
+    for key, value in patch.items():
+        node = d
+        *path, last = key.split("/")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return Tokenizer.from_str(json.dumps(d))
 
 
 def main():
@@ -217,10 +331,19 @@ def main():
         # Reload from disk so the goldens come from exactly the file the C++ test reads.
         parity["tokenizers"][name] = record(
             Tokenizer.from_file(os.path.join(OUT, name, "tokenizer.json")), strings)
+    parity["variants"] = []
+    for name, base, patch, vstrings in variants(toks, strings):
+        tok = apply_patch(toks[base].to_str(), patch)
+        # Strings already in the main list are stored as their index.
+        index = {t: i for i, t in enumerate(strings)}
+        entry = {"name": name, "base": base, "patch": patch,
+                 "strings": [index.get(t, t) for t in vstrings]}
+        entry.update(record(tok, vstrings, with_bos=False))
+        parity["variants"].append(entry)
     parity["sentencepiece"] = {
         "ids": [sp.encode(s) for s in strings],
         "ids_bos": [sp.encode(s, add_bos=True) for s in strings],
-        "decode": [sp.decode(sp.encode(s)) for s in strings],
+        "decode": [sp.decode(sp.encode(s)) for s in strings],  # every entry, unlike record()
     }
     with open(os.path.join(OUT, "parity.json"), "w", encoding="utf-8") as f:
         json.dump(parity, f, ensure_ascii=False, separators=(",", ":"))

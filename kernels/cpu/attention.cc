@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "check.h"
 #include "cleave/common/status.h"
 #include "parallel.h"
 
@@ -46,67 +48,44 @@ constexpr int64_t kDecodePartition = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
-// Validation.
+// Validation. Messages follow check.h: "<op>: <argument> <DebugString()> <problem>".
 
-absl::Status CheckTensor(const Tensor& t, const char* name, DType dtype, int ndim) {
-  if (!t.device().is_cpu()) {
-    return absl::UnimplementedError(absl::StrCat(name, " is on ", t.device().ToString(),
-                                                 "; only the CPU attention backend exists"));
-  }
-  if (t.dtype() != dtype || t.ndim() != ndim) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " must be ", std::string(DTypeName(dtype)),
-                                                   " of rank ", ndim, ", got ", t.DebugString()));
-  }
-  for (int i = 0; i < ndim; ++i) {
-    if (t.dim(i) < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(name, " has a negative dim: ", t.DebugString()));
-    }
-  }
-  if (t.data() == nullptr && t.numel() > 0) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " ", t.DebugString(), " has no data"));
+constexpr int64_t kAny = cpu::kAnyDim;
+
+absl::Status OpError(const char* op, const std::string& problem) {
+  return absl::InvalidArgumentError(absl::StrCat(op, ": ", problem));
+}
+
+// A negative extent would turn the O(B) index checks below into out-of-bounds reads.
+absl::Status CheckNonNegative(const char* op, const char* name, const Tensor& t) {
+  for (int i = 0; i < t.ndim(); ++i) {
+    if (t.dim(i) < 0) return cpu::ArgError(op, name, t, "has a negative extent");
   }
   return absl::OkStatus();
 }
 
-// q, out, k and v may be column slices of a fused projection (Tensor::Narrow), so only the head
-// dim has to be contiguous.
-absl::Status CheckRowsContiguous(const Tensor& t, const char* name) {
-  if (t.dim(-1) > 1 && t.stride(-1) != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, " must be contiguous along its last dim, got stride ", t.stride(-1)));
+// k_cache / v_cache: f32 [num_blocks, block_size, Hk, Dh], contiguous, same shape, and every
+// extent but num_blocks positive (they are divisors below).
+absl::Status CheckCaches(const char* op, const Tensor& k_cache, const Tensor& v_cache) {
+  CLEAVE_RETURN_IF_ERROR(
+      cpu::CheckTensor(op, "k_cache", k_cache, DType::kF32, {kAny, kAny, kAny, kAny}));
+  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, "k_cache", k_cache));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckContiguous(op, "k_cache", k_cache));
+  if (k_cache.dim(1) == 0 || k_cache.dim(2) == 0 || k_cache.dim(3) == 0) {
+    return cpu::ArgError(op, "k_cache", k_cache, "needs block_size, num_kv_heads and head_dim > 0");
   }
-  return absl::OkStatus();
+  CLEAVE_RETURN_IF_ERROR(
+      cpu::CheckTensor(op, "v_cache", v_cache, DType::kF32,
+                       {k_cache.dim(0), k_cache.dim(1), k_cache.dim(2), k_cache.dim(3)}));
+  return cpu::CheckContiguous(op, "v_cache", v_cache);
 }
 
-absl::Status CheckContiguous(const Tensor& t, const char* name) {
-  if (!t.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " ", t.DebugString(), " must be contiguous"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckSameShape(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
-  bool same = a.ndim() == b.ndim();
-  for (int i = 0; same && i < a.ndim(); ++i) same = a.dim(i) == b.dim(i);
-  if (!same) {
-    return absl::InvalidArgumentError(absl::StrCat(b_name, " ", b.DebugString(), " must have the shape of ",
-                                                   a_name, " ", a.DebugString()));
-  }
-  return absl::OkStatus();
-}
-
-// k_cache / v_cache: f32 [num_blocks, block_size, Hk, Dh], contiguous, same shape.
-absl::Status CheckCaches(const Tensor& k_cache, const Tensor& v_cache) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(k_cache, "k_cache", DType::kF32, 4));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(v_cache, "v_cache", DType::kF32, 4));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(k_cache, "k_cache"));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(v_cache, "v_cache"));
-  CLEAVE_RETURN_IF_ERROR(CheckSameShape(k_cache, "k_cache", v_cache, "v_cache"));
-  if (k_cache.dim(1) <= 0 || k_cache.dim(2) <= 0 || k_cache.dim(3) <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "k_cache ", k_cache.DebugString(), " needs block_size, num_kv_heads and head_dim > 0"));
-  }
-  return absl::OkStatus();
+// The small i32 index tensors are read as plain arrays.
+absl::Status CheckIndex(const char* op, const char* name, const Tensor& t,
+                        std::initializer_list<int64_t> shape) {
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, name, t, DType::kI32, shape));
+  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, name, t));
+  return cpu::CheckContiguous(op, name, t);
 }
 
 // Everything the attention kernels need, as raw pointers and strides (in floats), once validated.
@@ -131,50 +110,54 @@ struct AttentionPlan {
   const int32_t* seq_lens = nullptr;         // [B]
   const int32_t* block_tables = nullptr;     // [B, max_blocks_per_seq]
 
-  int64_t q_len(int64_t b) const { return query_start_loc[b + 1] - query_start_loc[b]; }
+  // In 64 bits: before validation the difference of two i32 entries may not fit in 32.
+  int64_t q_len(int64_t b) const {
+    return int64_t{query_start_loc[b + 1]} - int64_t{query_start_loc[b]};
+  }
   // First KV position that the earliest query of `first_pos` can see.
   int64_t first_visible(int64_t first_pos) const {
     return window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
   }
 };
 
-absl::Status CheckShapes(const PagedAttentionArgs& a) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(a.q, "q", DType::kF32, 3));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(a.out, "out", DType::kF32, 3));
-  CLEAVE_RETURN_IF_ERROR(CheckRowsContiguous(a.q, "q"));
-  CLEAVE_RETURN_IF_ERROR(CheckRowsContiguous(a.out, "out"));
-  CLEAVE_RETURN_IF_ERROR(CheckSameShape(a.q, "q", a.out, "out"));
-  CLEAVE_RETURN_IF_ERROR(CheckCaches(a.k_cache, a.v_cache));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(a.query_start_loc, "query_start_loc", DType::kI32, 1));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(a.seq_lens, "seq_lens", DType::kI32, 1));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(a.block_tables, "block_tables", DType::kI32, 2));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(a.query_start_loc, "query_start_loc"));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(a.seq_lens, "seq_lens"));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(a.block_tables, "block_tables"));
-
-  const int64_t hq = a.q.dim(1), dh = a.q.dim(2);
+// Dtypes, shapes, strides and scalars; nothing behind a pointer is read yet. q and out may be
+// column slices of wider rows (Tensor::Narrow of a fused projection): only their head dim must be
+// packed.
+absl::Status CheckShapes(const char* op, const PagedAttentionArgs& a) {
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "q", a.q, DType::kF32, {kAny, kAny, kAny}));
+  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, "q", a.q));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "q", a.q));
+  CLEAVE_RETURN_IF_ERROR(CheckCaches(op, a.k_cache, a.v_cache));
+  const int64_t t = a.q.dim(0), hq = a.q.dim(1), dh = a.q.dim(2);
   const int64_t hk = a.k_cache.dim(2);
-  if (hq <= 0 || hq % hk != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("num_q_heads (", hq, ", q ", a.q.DebugString(),
-                                                   ") must be a positive multiple of num_kv_heads (",
-                                                   hk, ", k_cache ", a.k_cache.DebugString(), ")"));
+  if (hq == 0 || hq % hk != 0) {
+    return OpError(op, absl::StrCat("num_q_heads ", hq, " (q ", a.q.DebugString(),
+                                    ") must be a positive multiple of num_kv_heads ", hk,
+                                    " (k_cache ", a.k_cache.DebugString(), ")"));
   }
   if (dh != a.k_cache.dim(3)) {
-    return absl::InvalidArgumentError(absl::StrCat("head_dim of q ", a.q.DebugString(),
-                                                   " differs from k_cache ", a.k_cache.DebugString()));
+    return OpError(op, absl::StrCat("head_dim of q ", a.q.DebugString(), " differs from k_cache ",
+                                    a.k_cache.DebugString()));
   }
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "out", a.out, DType::kF32, {t, hq, dh}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "out", a.out));
+  // B comes from seq_lens; the other two index tensors must agree with it.
+  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "seq_lens", a.seq_lens, {kAny}));
   const int64_t b = a.seq_lens.dim(0);
+  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "query_start_loc", a.query_start_loc, {kAny}));
+  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "block_tables", a.block_tables, {kAny, kAny}));
   if (a.query_start_loc.dim(0) != b + 1 || a.block_tables.dim(0) != b) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "batch size disagrees: seq_lens ", a.seq_lens.DebugString(), " says B = ", b,
-        ", query_start_loc ", a.query_start_loc.DebugString(), " must be [B + 1], block_tables ",
-        a.block_tables.DebugString(), " must be [B, max_blocks_per_seq]"));
+    return OpError(
+        op, absl::StrCat("batch sizes disagree: seq_lens ", a.seq_lens.DebugString(),
+                         " gives B = ", b, ", so query_start_loc ", a.query_start_loc.DebugString(),
+                         " must be [B + 1] and block_tables ", a.block_tables.DebugString(),
+                         " must be [B, max_blocks_per_seq]"));
   }
   if (a.sliding_window < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("sliding_window must be >= 0, got ", a.sliding_window));
+    return OpError(op, absl::StrCat("sliding_window must be >= 0, got ", a.sliding_window));
   }
   if (!std::isfinite(a.scale)) {
-    return absl::InvalidArgumentError(absl::StrCat("scale must be finite, got ", a.scale));
+    return OpError(op, absl::StrCat("scale must be finite, got ", a.scale));
   }
   return absl::OkStatus();
 }
@@ -183,46 +166,49 @@ absl::Status CheckShapes(const PagedAttentionArgs& a) {
 // in its KV length, the KV length fits in its block-table row, and every block id the kernels
 // will follow names a real block. Padding entries (-1) past a sequence's blocks, and blocks wholly
 // before the sliding window, are never read and so never checked.
-absl::Status CheckBatchIndex(const AttentionPlan& p, int64_t num_blocks, bool decode) {
+absl::Status CheckBatchIndex(const char* op, const AttentionPlan& p, int64_t num_blocks,
+                             bool decode) {
   const int32_t* qsl = p.query_start_loc;
   if (qsl[0] != 0 || qsl[p.num_seqs] != p.num_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("query_start_loc must run from 0 to T = ", p.num_tokens,
-                                                   ", got ", qsl[0], " .. ", qsl[p.num_seqs]));
+    return OpError(op, absl::StrCat("query_start_loc must run from 0 to T = ", p.num_tokens,
+                                    ", got ", qsl[0], " .. ", qsl[p.num_seqs]));
   }
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t q_len = p.q_len(b), seq_len = p.seq_lens[b];
     if (q_len < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("query_start_loc decreases at sequence ", b, ": ",
-                                                     qsl[b], " -> ", qsl[b + 1]));
+      return OpError(op, absl::StrCat("query_start_loc decreases at sequence ", b, ": ", qsl[b],
+                                      " -> ", qsl[b + 1]));
     }
     if (decode && q_len != 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("decode needs exactly one new token per sequence; sequence ", b, " has ", q_len));
+      return OpError(op, absl::StrCat("decode needs exactly one new token per sequence; sequence ",
+                                      b, " has ", q_len));
     }
     if (q_len > seq_len) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", b, " has ", q_len,
-                                                     " new tokens but seq_len ", seq_len));
+      return OpError(
+          op, absl::StrCat("sequence ", b, " has ", q_len, " new tokens but seq_len ", seq_len));
     }
     const int64_t blocks_needed = (seq_len + p.block_size - 1) / p.block_size;
     if (blocks_needed > p.max_blocks_per_seq) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", b, " has seq_len ", seq_len, " = ", blocks_needed, " blocks of ", p.block_size,
-          " but block_tables rows hold ", p.max_blocks_per_seq));
+      return OpError(op, absl::StrCat("sequence ", b, " has seq_len ", seq_len, " = ",
+                                      blocks_needed, " blocks of ", p.block_size,
+                                      " but block_tables rows hold ", p.max_blocks_per_seq));
     }
     if (q_len == 0) continue;
     const int32_t* row = p.block_tables + b * p.max_blocks_per_seq;
     for (int64_t i = p.first_visible(seq_len - q_len) / p.block_size; i < blocks_needed; ++i) {
       if (row[i] < 0 || row[i] >= num_blocks) {
-        return absl::InvalidArgumentError(absl::StrCat("block_tables[", b, "][", i, "] = ", row[i],
-                                                       " is outside the cache's ", num_blocks, " blocks"));
+        return OpError(op, absl::StrCat("block_tables[", b, "][", i, "] = ", row[i],
+                                        " is outside the cache's ", num_blocks, " blocks"));
       }
     }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<AttentionPlan> PlanAttention(const PagedAttentionArgs& a, bool decode) {
-  CLEAVE_RETURN_IF_ERROR(CheckShapes(a));
+absl::StatusOr<AttentionPlan> PlanAttention(const char* op, const PagedAttentionArgs& a,
+                                            Stream* stream, bool decode) {
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(op, stream));
+  CLEAVE_RETURN_IF_ERROR(CheckShapes(op, a));
   AttentionPlan p;
   p.num_tokens = a.q.dim(0);
   p.num_seqs = a.seq_lens.dim(0);
@@ -246,53 +232,60 @@ absl::StatusOr<AttentionPlan> PlanAttention(const PagedAttentionArgs& a, bool de
   p.seq_lens = a.seq_lens.data_as<const int32_t>();
   p.block_tables = a.block_tables.data_as<const int32_t>();
   if (decode && p.num_tokens != p.num_seqs) {
-    return absl::InvalidArgumentError(absl::StrCat("decode needs one query per sequence: q ", a.q.DebugString(),
-                                                   " has ", p.num_tokens, " tokens for ", p.num_seqs,
-                                                   " sequences"));
+    return OpError(
+        op, absl::StrCat("decode needs one query per sequence: q ", a.q.DebugString(), " has ",
+                         p.num_tokens, " tokens for ", p.num_seqs, " sequences"));
   }
-  CLEAVE_RETURN_IF_ERROR(CheckBatchIndex(p, a.k_cache.dim(0), decode));
+  CLEAVE_RETURN_IF_ERROR(CheckBatchIndex(op, p, a.k_cache.dim(0), decode));
   return p;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Vector helpers. Written as fixed-width lane loops so GCC/Clang vectorise them at -O3 without
-// -ffast-math (a plain `s += a[i] * b[i]` reduction may not be reordered, so it would stay scalar).
+// Vector helpers. The dot products use GCC/Clang vector types: a plain `s += a[i] * b[i]` loop is
+// a reduction the compiler may not reorder without -ffast-math, and GCC turns the usual 8-lane
+// accumulator rewrite into a transposing shuffle mess. F8 is one AVX2 register with
+// -march=x86-64-v3 (two SSE registers otherwise). Helpers take F8 by reference: passing a 32-byte
+// vector by value changes the ABI when AVX is off, which -Wpsabi rejects.
 
-constexpr int kLanes = 8;  // one AVX2 register of floats
+typedef float F8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
 
-inline float SumLanes(const float* acc) {
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+inline void Load8(F8& v, const float* p) { std::memcpy(&v, p, sizeof(F8)); }
+
+inline float Sum8(const F8& v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[kLanes] = {};
+  F8 acc = {}, x, y;
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
-    for (int i = 0; i < kLanes; ++i) acc[i] += a[d + i] * b[d + i];
+    Load8(x, a + d);
+    Load8(y, b + d);
+    acc += x * y;
   }
-  float s = SumLanes(acc);
+  float s = Sum8(acc);
   for (; d < n; ++d) s += a[d] * b[d];
   return s;
 }
 
-// out[j] = q . k[j] for four keys at once: q is loaded once per four FMAs instead of once per one.
-inline void Dot4(const float* __restrict q, const float* const* k, int64_t n, float* out) {
-  const float* __restrict k0 = k[0];
-  const float* __restrict k1 = k[1];
-  const float* __restrict k2 = k[2];
-  const float* __restrict k3 = k[3];
-  float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+// out[j] = q . k[j] for four keys at once: each load of q feeds four FMAs instead of one.
+inline void Dot4(const float* __restrict q, const float* __restrict k0, const float* __restrict k1,
+                 const float* __restrict k2, const float* __restrict k3, int64_t n, float* out) {
+  F8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, x, y;
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
-    for (int i = 0; i < kLanes; ++i) {
-      const float x = q[d + i];
-      a0[i] += x * k0[d + i];
-      a1[i] += x * k1[d + i];
-      a2[i] += x * k2[d + i];
-      a3[i] += x * k3[d + i];
-    }
+    Load8(x, q + d);
+    Load8(y, k0 + d);
+    a0 += x * y;
+    Load8(y, k1 + d);
+    a1 += x * y;
+    Load8(y, k2 + d);
+    a2 += x * y;
+    Load8(y, k3 + d);
+    a3 += x * y;
   }
-  float s0 = SumLanes(a0), s1 = SumLanes(a1), s2 = SumLanes(a2), s3 = SumLanes(a3);
+  float s0 = Sum8(a0), s1 = Sum8(a1), s2 = Sum8(a2), s3 = Sum8(a3);
   for (; d < n; ++d) {
     s0 += q[d] * k0[d];
     s1 += q[d] * k1[d];
@@ -305,23 +298,17 @@ inline void Dot4(const float* __restrict q, const float* const* k, int64_t n, fl
   out[3] = s3;
 }
 
-// acc += sum_j p[j] * v[j] over n rows, four rows per pass so acc is loaded and stored n/4 times.
-inline void AccumulateRows(const float* p, const float* const* v, int64_t n, int64_t dh,
-                           float* __restrict acc) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const float p0 = p[j], p1 = p[j + 1], p2 = p[j + 2], p3 = p[j + 3];
-    const float* __restrict v0 = v[j];
-    const float* __restrict v1 = v[j + 1];
-    const float* __restrict v2 = v[j + 2];
-    const float* __restrict v3 = v[j + 3];
-    for (int64_t d = 0; d < dh; ++d) acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
-  }
-  for (; j < n; ++j) {
-    const float pj = p[j];
-    const float* __restrict vj = v[j];
-    for (int64_t d = 0; d < dh; ++d) acc[d] += pj * vj[d];
-  }
+// acc += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3: four rows per pass, so acc is loaded and stored
+// once per four rows of V.
+inline void Axpy4(const float* p, const float* __restrict v0, const float* __restrict v1,
+                  const float* __restrict v2, const float* __restrict v3, int64_t n,
+                  float* __restrict acc) {
+  const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+  for (int64_t d = 0; d < n; ++d) acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+}
+
+inline void Axpy(float p, const float* __restrict v, int64_t n, float* __restrict acc) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += p * v[d];
 }
 
 inline void ScaleRow(float* __restrict x, float s, int64_t n) {
@@ -331,10 +318,11 @@ inline void ScaleRow(float* __restrict x, float s, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // The shared inner routine.
 
-// One KV head of one sequence, as AttendRange walks it. Position p of the sequence is at
-// k + blocks[p / block_size] * block_stride + (p % block_size) * position_stride.
-struct KvHeadView {
-  const float* k = nullptr;  // k_cache + kv_head * Dh
+// The KV of one sequence, as AttendRange walks it. Position p starts at
+// k + blocks[p / block_size] * block_stride + (p % block_size) * position_stride; its rows for
+// the Hk heads follow each other there, Dh floats apart.
+struct KvSeqView {
+  const float* k = nullptr;
   const float* v = nullptr;
   const int32_t* blocks = nullptr;  // the sequence's block-table row (validated)
   int64_t block_size = 0;
@@ -342,10 +330,10 @@ struct KvHeadView {
   int64_t block_stride = 0;     // block_size * Hk * Dh
 };
 
-KvHeadView MakeKvHeadView(const AttentionPlan& p, int64_t b, int64_t kv_head) {
-  KvHeadView kv;
-  kv.k = p.k_cache + kv_head * p.head_dim;
-  kv.v = p.v_cache + kv_head * p.head_dim;
+KvSeqView MakeKvSeqView(const AttentionPlan& p, int64_t b) {
+  KvSeqView kv;
+  kv.k = p.k_cache;
+  kv.v = p.v_cache;
   kv.blocks = p.block_tables + b * p.max_blocks_per_seq;
   kv.block_size = p.block_size;
   kv.position_stride = p.num_kv_heads * p.head_dim;
@@ -354,73 +342,129 @@ KvHeadView MakeKvHeadView(const AttentionPlan& p, int64_t b, int64_t kv_head) {
 }
 
 // The queries of one work item and their online-softmax state. Row r is query vector q[r] of the
-// token at position pos[r]; m[r], l[r] are its running max and sum of exp(score - max), and
-// acc[r * Dh ...] its output so far, not yet divided by l[r].
+// token at position pos[r], reading KV head kv_offset[r] / Dh; m[r], l[r] are its running max and
+// sum of exp(score - max), and acc[r * Dh ...] its output so far, not yet divided by l[r].
 struct QueryRows {
   int64_t rows = 0;
-  const float** q = nullptr;  // [rows]
-  const int64_t* pos = nullptr;  // [rows]
-  float* m = nullptr;    // [rows]
-  float* l = nullptr;    // [rows]
-  float* acc = nullptr;  // [rows, Dh]
+  const float** q = nullptr;           // [rows]
+  const int64_t* pos = nullptr;        // [rows]
+  const int64_t* kv_offset = nullptr;  // [rows] kv_head * Dh
+  float* m = nullptr;                  // [rows]
+  float* l = nullptr;                  // [rows]
+  float* acc = nullptr;                // [rows, Dh]
 };
 
 // Per-worker buffers, allocated once per call and reused for every item the worker takes.
 struct Scratch {
   explicit Scratch(int64_t max_rows, int64_t head_dim)
-      : k_rows(kKvChunk), v_rows(kKvChunk), scores(kKvChunk), q(max_rows), pos(max_rows),
-        m(max_rows), l(max_rows), acc(max_rows * head_dim) {}
-  std::vector<const float*> k_rows, v_rows;
-  std::vector<float> scores;
+      : k_rows(kKvChunk),
+        v_rows(kKvChunk),
+        scores(max_rows * kKvChunk),
+        first(max_rows),
+        last(max_rows),
+        q(max_rows),
+        pos(max_rows),
+        kv_offset(max_rows),
+        m(max_rows),
+        l(max_rows),
+        acc(max_rows * head_dim) {}
+  std::vector<const float*> k_rows, v_rows;  // [kKvChunk] the chunk's positions
+  std::vector<float> scores;                 // [rows, kKvChunk] scores, then probabilities
+  std::vector<int64_t> first, last;          // [rows] the chunk's positions row r sees
   std::vector<const float*> q;
-  std::vector<int64_t> pos;
+  std::vector<int64_t> pos, kv_offset;
   std::vector<float> m, l, acc;
 };
 
-// Folds positions [0, n) of one chunk into one query's state. k, v: the chunk's rows; s: [n] scratch.
-void UpdateQuery(const float* q, const float* const* k, const float* const* v, int64_t n, int64_t dh,
-                 float scale, float& m, float& l, float* acc, float* s) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) Dot4(q, k + j, dh, s + j);
-  for (; j < n; ++j) s[j] = Dot(q, k[j], dh);
-  float chunk_max = kNegInf;
-  for (j = 0; j < n; ++j) {
-    s[j] *= scale;
-    chunk_max = std::max(chunk_max, s[j]);
+// The passes over one chunk of n positions below walk it four positions at a time and, for each
+// quad, every row: with a work item spanning several KV heads, a quad's K or V rows for all of
+// them are one contiguous run of the cache, which the hardware prefetcher can follow (row by row,
+// each head would read Dh floats out of every Hk * Dh and stall on memory). Row r sees the
+// chunk's positions [first[r], last[r]); masked positions are neither read nor computed.
+
+// scores[r, j] = scale * q[r] . k(j) for every position j row r sees.
+void ScoreChunk(const QueryRows& rows, const float* const* k, int64_t n, int64_t dh, float scale,
+                Scratch& s) {
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t quad_end = std::min(n, j + 4);
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      const int64_t a = std::max(j, s.first[r]), b = std::min(quad_end, s.last[r]);
+      if (a >= b) continue;
+      float* sr = s.scores.data() + r * kKvChunk;
+      const float* q = rows.q[r];
+      const int64_t off = rows.kv_offset[r];
+      if (b - a == 4) {
+        Dot4(q, k[a] + off, k[a + 1] + off, k[a + 2] + off, k[a + 3] + off, dh, sr + a);
+      } else {
+        for (int64_t x = a; x < b; ++x) sr[x] = Dot(q, k[x] + off, dh);
+      }
+      for (int64_t x = a; x < b; ++x) sr[x] *= scale;
+    }
   }
+}
+
+// The online-softmax step of row r: folds its chunk scores into (m, l), rescales acc to the new
+// max and turns the scores into the probabilities exp(score - m) that AccumulateChunk applies.
+void SoftmaxStep(const QueryRows& rows, int64_t r, int64_t dh, Scratch& s) {
+  const int64_t a = s.first[r], b = s.last[r];
+  if (a >= b) return;
+  float* sr = s.scores.data() + r * kKvChunk;
+  float chunk_max = kNegInf;
+  for (int64_t j = a; j < b; ++j) chunk_max = std::max(chunk_max, sr[j]);
+  float& m = rows.m[r];
   const float m_new = std::max(m, chunk_max);
   float sum = 0.0f;
-  for (j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - m_new);
-    sum += s[j];
+  for (int64_t j = a; j < b; ++j) {
+    sr[j] = std::exp(sr[j] - m_new);
+    sum += sr[j];
   }
-  // The first chunk a query sees has m == -inf, so alpha == 0 and the (zero) state is reset.
+  // The first chunk a row sees has m == -inf, so alpha == 0 and the (zero) state is reset.
   const float alpha = std::exp(m - m_new);
-  if (alpha != 1.0f) ScaleRow(acc, alpha, dh);
-  l = l * alpha + sum;
+  if (alpha != 1.0f) ScaleRow(rows.acc + r * dh, alpha, dh);
+  rows.l[r] = rows.l[r] * alpha + sum;
   m = m_new;
-  AccumulateRows(s, v, n, dh, acc);
+}
+
+// acc[r] += sum_j p[r, j] * v(j) over the positions row r sees.
+void AccumulateChunk(const QueryRows& rows, const float* const* v, int64_t n, int64_t dh,
+                     Scratch& s) {
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t quad_end = std::min(n, j + 4);
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      const int64_t a = std::max(j, s.first[r]), b = std::min(quad_end, s.last[r]);
+      if (a >= b) continue;
+      const float* pr = s.scores.data() + r * kKvChunk;
+      const int64_t off = rows.kv_offset[r];
+      float* acc = rows.acc + r * dh;
+      if (b - a == 4) {
+        Axpy4(pr + a, v[a] + off, v[a + 1] + off, v[a + 2] + off, v[a + 3] + off, dh, acc);
+      } else {
+        for (int64_t x = a; x < b; ++x) Axpy(pr[x], v[x] + off, dh, acc);
+      }
+    }
+  }
 }
 
 // Attends every row of `rows` to the positions in [lo, hi) it may see: p <= pos[r] (causal) and,
 // with a window, p > pos[r] - window. Rows outside a chunk's reach skip it without reading it.
-void AttendRange(const KvHeadView& kv, int64_t lo, int64_t hi, int64_t window, int64_t dh, float scale,
-                 const QueryRows& rows, Scratch& s) {
+void AttendRange(const KvSeqView& kv, int64_t lo, int64_t hi, int64_t window, int64_t dh,
+                 float scale, const QueryRows& rows, Scratch& s) {
   for (int64_t c0 = lo; c0 < hi; c0 += kKvChunk) {
     const int64_t c1 = std::min(hi, c0 + kKvChunk);
     for (int64_t p = c0; p < c1; ++p) {
-      const int64_t offset = kv.blocks[p / kv.block_size] * kv.block_stride +
-                             (p % kv.block_size) * kv.position_stride;
+      const int64_t offset =
+          kv.blocks[p / kv.block_size] * kv.block_stride + (p % kv.block_size) * kv.position_stride;
       s.k_rows[p - c0] = kv.k + offset;
       s.v_rows[p - c0] = kv.v + offset;
     }
     for (int64_t r = 0; r < rows.rows; ++r) {
-      const int64_t j0 = window > 0 ? std::max(c0, rows.pos[r] - window + 1) : c0;
-      const int64_t j1 = std::min(c1, rows.pos[r] + 1);
-      if (j0 >= j1) continue;
-      UpdateQuery(rows.q[r], s.k_rows.data() + (j0 - c0), s.v_rows.data() + (j0 - c0), j1 - j0, dh,
-                  scale, rows.m[r], rows.l[r], rows.acc + r * dh, s.scores.data());
+      const int64_t first = window > 0 ? std::max(c0, rows.pos[r] - window + 1) : c0;
+      s.first[r] = first - c0;
+      s.last[r] = std::max(first, std::min(c1, rows.pos[r] + 1)) - c0;
     }
+    ScoreChunk(rows, s.k_rows.data(), c1 - c0, dh, scale, s);
+    for (int64_t r = 0; r < rows.rows; ++r) SoftmaxStep(rows, r, dh, s);
+    AccumulateChunk(rows, s.v_rows.data(), c1 - c0, dh, s);
   }
 }
 
@@ -484,17 +528,23 @@ void RunPrefillTile(const AttentionPlan& p, const PrefillTile& tile, Scratch& s)
   const int64_t dh = p.head_dim, g = p.group;
   const int64_t q_len = p.q_len(tile.seq), start_pos = p.seq_lens[tile.seq] - q_len;
   const int64_t row0 = p.query_start_loc[tile.seq];
-  QueryRows rows{(tile.last_token - tile.first_token) * g, s.q.data(), s.pos.data(),
-                 s.m.data(),                              s.l.data(), s.acc.data()};
+  QueryRows rows{(tile.last_token - tile.first_token) * g,
+                 s.q.data(),
+                 s.pos.data(),
+                 s.kv_offset.data(),
+                 s.m.data(),
+                 s.l.data(),
+                 s.acc.data()};
   for (int64_t t = tile.first_token; t < tile.last_token; ++t) {
     for (int64_t i = 0; i < g; ++i) {
       const int64_t r = (t - tile.first_token) * g + i;
       s.q[r] = p.q + (row0 + t) * p.q_token_stride + (tile.kv_head * g + i) * p.q_head_stride;
       s.pos[r] = start_pos + t;
+      s.kv_offset[r] = tile.kv_head * dh;
     }
   }
   ResetState(rows, dh);
-  AttendRange(MakeKvHeadView(p, tile.seq, tile.kv_head), p.first_visible(start_pos + tile.first_token),
+  AttendRange(MakeKvSeqView(p, tile.seq), p.first_visible(start_pos + tile.first_token),
               start_pos + tile.last_token, p.window, dh, p.scale, rows, s);
   for (int64_t r = 0; r < rows.rows; ++r) {
     const int64_t t = tile.first_token + r / g, head = tile.kv_head * g + r % g;
@@ -534,11 +584,13 @@ struct PartialStates {
 
 // out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M = max_i m_i: the exact softmax over
 // the union of the partitions, as OnlineSoftmaxState::Merge computes it pairwise.
-void MergePartitions(const AttentionPlan& p, const PartialStates& st, int64_t first_slot, int64_t parts,
-                     int64_t head, float* out) {
+void MergePartitions(const AttentionPlan& p, const PartialStates& st, int64_t first_slot,
+                     int64_t parts, int64_t head, float* out) {
   const int64_t dh = p.head_dim;
   float m_max = kNegInf;
-  for (int64_t i = 0; i < parts; ++i) m_max = std::max(m_max, st.m[(first_slot + i) * p.num_q_heads + head]);
+  for (int64_t i = 0; i < parts; ++i) {
+    m_max = std::max(m_max, st.m[(first_slot + i) * p.num_q_heads + head]);
+  }
   float l_total = 0.0f;
   std::fill(out, out + dh, 0.0f);
   for (int64_t i = 0; i < parts; ++i) {
@@ -551,60 +603,92 @@ void MergePartitions(const AttentionPlan& p, const PartialStates& st, int64_t fi
   ScaleRow(out, l_total > 0.0f ? 1.0f / l_total : 0.0f, dh);
 }
 
-void RunDecodeItem(const AttentionPlan& p, const DecodeSplit& split, PartialStates& st, int64_t seq,
-                   int64_t kv_head, int64_t part, Scratch& s) {
-  const int64_t dh = p.head_dim, g = p.group;
+// One decode work item: KV heads [first_head, last_head) of one partition of one sequence.
+struct DecodeItem {
+  int32_t seq, part, first_head, last_head;
+};
+
+// Walking every KV head of a position together reads its Hk * Dh floats in one run (the cache
+// interleaves heads per position); one head alone would touch Dh floats out of each and a new
+// page every few positions. So an item takes as many heads as still leaves enough items to
+// keep every worker busy. Each head's arithmetic is the same whichever item runs it, so this
+// choice, unlike the partition size, cannot change a result.
+std::vector<DecodeItem> MakeDecodeItems(const AttentionPlan& p, const DecodeSplit& split) {
+  int64_t partitions = 0;
+  for (int64_t parts : split.parts) partitions += parts;
+  const int64_t wanted_items = 4 * static_cast<int64_t>(cpu::PoolThreads());
+  const int64_t head_groups = std::clamp<int64_t>(
+      (wanted_items + partitions - 1) / std::max<int64_t>(partitions, 1), 1, p.num_kv_heads);
+  const int64_t heads_per_item = (p.num_kv_heads + head_groups - 1) / head_groups;
+  std::vector<DecodeItem> items;
+  for (int64_t b = 0; b < p.num_seqs; ++b) {
+    for (int64_t part = 0; part < split.parts[b]; ++part) {
+      for (int64_t h = 0; h < p.num_kv_heads; h += heads_per_item) {
+        const int64_t h1 = std::min(p.num_kv_heads, h + heads_per_item);
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(part),
+                         static_cast<int32_t>(h), static_cast<int32_t>(h1)});
+      }
+    }
+  }
+  return items;
+}
+
+void RunDecodeItem(const AttentionPlan& p, const DecodeSplit& split, PartialStates& st,
+                   const DecodeItem& item, Scratch& s) {
+  const int64_t dh = p.head_dim, g = p.group, seq = item.seq;
   const int64_t pos = p.seq_lens[seq] - 1;
-  const int64_t lo = p.first_visible(pos) + part * kDecodePartition;
+  const int64_t lo = p.first_visible(pos) + item.part * kDecodePartition;
   const int64_t hi = std::min<int64_t>(p.seq_lens[seq], lo + kDecodePartition);
+  const int64_t first_q_head = item.first_head * g;
+  const int64_t num_rows = (item.last_head - item.first_head) * g;
   const bool split_seq = split.parts[seq] > 1;
-  QueryRows rows{g, s.q.data(), s.pos.data(), s.m.data(), s.l.data(), s.acc.data()};
+  QueryRows rows{num_rows,   s.q.data(), s.pos.data(), s.kv_offset.data(),
+                 s.m.data(), s.l.data(), s.acc.data()};
   if (split_seq) {  // accumulate straight into this partition's slots of the partial state
-    const int64_t idx = (split.state_base[seq] + part) * p.num_q_heads + kv_head * g;
+    const int64_t idx = (split.state_base[seq] + item.part) * p.num_q_heads + first_q_head;
     rows.m = st.m.data() + idx;
     rows.l = st.l.data() + idx;
     rows.acc = st.acc.data() + idx * dh;
   }
-  for (int64_t i = 0; i < g; ++i) {
-    s.q[i] = p.q + seq * p.q_token_stride + (kv_head * g + i) * p.q_head_stride;
-    s.pos[i] = pos;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    s.q[r] = p.q + seq * p.q_token_stride + (first_q_head + r) * p.q_head_stride;
+    s.pos[r] = pos;
+    s.kv_offset[r] = (first_q_head + r) / g * dh;
   }
   ResetState(rows, dh);
-  AttendRange(MakeKvHeadView(p, seq, kv_head), lo, hi, p.window, dh, p.scale, rows, s);
+  AttendRange(MakeKvSeqView(p, seq), lo, hi, p.window, dh, p.scale, rows, s);
   if (split_seq) return;
-  for (int64_t i = 0; i < g; ++i) {
-    WriteNormalised(rows.acc + i * dh, rows.l[i], dh,
-                    p.out + seq * p.out_token_stride + (kv_head * g + i) * p.out_head_stride);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    WriteNormalised(rows.acc + r * dh, rows.l[r], dh,
+                    p.out + seq * p.out_token_stride + (first_q_head + r) * p.out_head_stride);
   }
 }
 
 }  // namespace
 
-absl::Status WriteKvCache(const Tensor& k, const Tensor& v, const Tensor& slot_mapping, Tensor& k_cache,
-                          Tensor& v_cache, Stream* stream) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(k, "k", DType::kF32, 3));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(v, "v", DType::kF32, 3));
-  CLEAVE_RETURN_IF_ERROR(CheckRowsContiguous(k, "k"));
-  CLEAVE_RETURN_IF_ERROR(CheckRowsContiguous(v, "v"));
-  CLEAVE_RETURN_IF_ERROR(CheckSameShape(k, "k", v, "v"));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(slot_mapping, "slot_mapping", DType::kI32, 1));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(slot_mapping, "slot_mapping"));
-  CLEAVE_RETURN_IF_ERROR(CheckCaches(k_cache, v_cache));
+absl::Status WriteKvCache(const Tensor& k, const Tensor& v, const Tensor& slot_mapping,
+                          Tensor& k_cache, Tensor& v_cache, Stream* stream) {
+  constexpr const char* kOp = "WriteKvCache";
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "k", k, DType::kF32, {kAny, kAny, kAny}));
+  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(kOp, "k", k));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "k", k));
   const int64_t num_tokens = k.dim(0), hk = k.dim(1), dh = k.dim(2);
-  if (slot_mapping.dim(0) != num_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("slot_mapping ", slot_mapping.DebugString(),
-                                                   " must have one slot per row of k ", k.DebugString()));
-  }
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "v", v, DType::kF32, {num_tokens, hk, dh}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "v", v));
+  CLEAVE_RETURN_IF_ERROR(CheckIndex(kOp, "slot_mapping", slot_mapping, {num_tokens}));
+  CLEAVE_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
   if (hk != k_cache.dim(2) || dh != k_cache.dim(3)) {
-    return absl::InvalidArgumentError(absl::StrCat("k ", k.DebugString(), " must be [T, Hk, Dh] of k_cache ",
-                                                   k_cache.DebugString()));
+    return cpu::ArgError(kOp, "k", k,
+                         absl::StrCat("must be [T, Hk, Dh] of k_cache ", k_cache.DebugString()));
   }
+  // The cache is written only once every slot is known to be inside it.
   const int32_t* slots = slot_mapping.data_as<const int32_t>();
   const int64_t num_slots = k_cache.dim(0) * k_cache.dim(1);
   for (int64_t t = 0; t < num_tokens; ++t) {
     if (slots[t] >= num_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("slot_mapping[", t, "] = ", slots[t],
-                                                     " is past the cache's ", num_slots, " slots"));
+      return OpError(kOp, absl::StrCat("slot_mapping[", t, "] = ", slots[t],
+                                       " is past the cache's ", num_slots, " slots"));
     }
   }
 
@@ -629,7 +713,8 @@ absl::Status WriteKvCache(const Tensor& k, const Tensor& v, const Tensor& slot_m
 }
 
 absl::Status PagedAttentionPrefill(const PagedAttentionArgs& args, Stream* stream) {
-  CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p, PlanAttention(args, /*decode=*/false));
+  CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p,
+                          PlanAttention("PagedAttentionPrefill", args, stream, /*decode=*/false));
   const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / p.group);
   const std::vector<PrefillTile> tiles = MakePrefillTiles(p, tile_tokens);
   RunItems(static_cast<int64_t>(tiles.size()), tile_tokens * p.group, p.head_dim,
@@ -638,29 +723,19 @@ absl::Status PagedAttentionPrefill(const PagedAttentionArgs& args, Stream* strea
 }
 
 absl::Status PagedAttentionDecode(const PagedAttentionArgs& args, Stream* stream) {
-  CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p, PlanAttention(args, /*decode=*/true));
+  CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p,
+                          PlanAttention("PagedAttentionDecode", args, stream, /*decode=*/true));
   const DecodeSplit split = SplitDecode(p);
   PartialStates st;
   st.m.resize(split.num_states * p.num_q_heads);
   st.l.resize(split.num_states * p.num_q_heads);
   st.acc.resize(split.num_states * p.num_q_heads * p.head_dim);
 
-  // Items are (sequence, partition, KV head), flattened; partitions of one sequence run in
-  // parallel, which is what keeps a small batch with a long context busy on every core.
-  struct Item {
-    int32_t seq, part, kv_head;
-  };
-  std::vector<Item> items;
-  for (int64_t b = 0; b < p.num_seqs; ++b) {
-    for (int64_t part = 0; part < split.parts[b]; ++part) {
-      for (int64_t h = 0; h < p.num_kv_heads; ++h) {
-        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(part), static_cast<int32_t>(h)});
-      }
-    }
-  }
-  RunItems(static_cast<int64_t>(items.size()), p.group, p.head_dim, [&](int64_t i, Scratch& s) {
-    RunDecodeItem(p, split, st, items[i].seq, items[i].kv_head, items[i].part, s);
-  });
+  // Partitions of one sequence run in parallel, which is what keeps a small batch with a long
+  // context busy on every core.
+  const std::vector<DecodeItem> items = MakeDecodeItems(p, split);
+  RunItems(static_cast<int64_t>(items.size()), p.num_q_heads, p.head_dim,
+           [&](int64_t i, Scratch& s) { RunDecodeItem(p, split, st, items[i], s); });
   if (split.num_states == 0) return absl::OkStatus();
 
   cpu::ParallelFor(p.num_seqs * p.num_q_heads, 8, [&](int64_t begin, int64_t end) {

@@ -14,7 +14,7 @@
 
 namespace cleave::kernels::cpu {
 
-// Wildcard for CheckShape: any extent is accepted in that position.
+// Wildcard for CheckTensor's shape: any extent is accepted in that position.
 inline constexpr int64_t kAnyDim = -1;
 
 inline absl::Status ArgError(const char* op, const char* name, const Tensor& t,
@@ -33,12 +33,17 @@ inline absl::Status CheckStream(const char* op, const Stream* stream) {
   return absl::OkStatus();
 }
 
-// Device, dtype, rank and shape in one call. `shape` entries may be kAnyDim.
-inline absl::Status CheckTensor(const char* op, const char* name, const Tensor& t, DType dtype,
-                                std::initializer_list<int64_t> shape) {
+inline absl::Status CheckOnCpu(const char* op, const char* name, const Tensor& t) {
   if (!t.device().is_cpu()) {
     return ArgError(op, name, t, absl::StrCat("is on ", t.device().ToString(), ", expected cpu"));
   }
+  return absl::OkStatus();
+}
+
+// Device, dtype, rank and shape in one call. `shape` entries may be kAnyDim.
+inline absl::Status CheckTensor(const char* op, const char* name, const Tensor& t, DType dtype,
+                                std::initializer_list<int64_t> shape) {
+  if (absl::Status s = CheckOnCpu(op, name, t); !s.ok()) return s;
   if (t.dtype() != dtype) {
     return ArgError(op, name, t, absl::StrCat("must be ", std::string(DTypeName(dtype))));
   }
@@ -51,8 +56,12 @@ inline absl::Status CheckTensor(const char* op, const char* name, const Tensor& 
   }
   if (!shape_ok) {
     std::string want;
-    for (int64_t d : shape) absl::StrAppend(&want, want.empty() ? "" : ", ", d == kAnyDim ? "*" : absl::StrCat(d));
+    for (int64_t d : shape)
+      absl::StrAppend(&want, want.empty() ? "" : ", ", d == kAnyDim ? "*" : absl::StrCat(d));
     return ArgError(op, name, t, absl::StrCat("must have shape [", want, "]"));
+  }
+  for (int d = 0; d < t.ndim(); ++d) {
+    if (t.dim(d) < 0) return ArgError(op, name, t, "has a negative extent");
   }
   if (t.data() == nullptr && t.numel() > 0) return ArgError(op, name, t, "has no data");
   return absl::OkStatus();

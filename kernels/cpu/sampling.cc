@@ -1,7 +1,6 @@
-// CPU sampler. The whole-vocab passes (NaN check, penalties' targets, argmax, candidate
-// gathering) are linear; only the candidates that survive top-k / min-p are ever sorted, and
-// top-p sorts them lazily, a growing prefix at a time, because real next-token distributions
-// reach p = 0.9 within a few hundred tokens of a 100k+ vocab.
+// CPU sampler. Every pass over the vocab is linear: NaN check, argmax, weights, and the
+// filters, which find the cut of each best-first prefix by selection (nth_element) rather than
+// sorting the vocab. Only the few dozen candidates around a top-p cut are ever sorted.
 #include "cleave/kernels/sampling.h"
 
 #include <algorithm>
@@ -18,8 +17,9 @@ namespace cleave::kernels {
 namespace {
 
 // OpenAI caps temperature at 2, vLLM only asks for >= 0. Clients written against vLLM send
-// values above 2, so 2 would be too strict; beyond ~100 every row is flat to within float
-// resolution, so anything larger is almost certainly a client bug worth reporting.
+// values above 2, so 2 would be too strict. At 100 a typical logit spread of ~30 shrinks to
+// ~0.3, i.e. near-uniform random tokens; anything larger is almost certainly a client bug
+// (a percentage, a wrong field) worth reporting rather than honouring.
 constexpr float kMaxTemperature = 100.0f;
 constexpr int kMaxTopLogprobs = 20;  // OpenAI's limit; vLLM's default max_logprobs is the same.
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -40,8 +40,7 @@ uint64_t SplitMix64(uint64_t& x) {
 uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 bool PenaltiesActive(const SamplingParams& p) {
-  return p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f ||
-         p.presence_penalty != 0.0f;
+  return p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
 }
 
 // A NaN would make every comparison below false and sample garbage; +inf turns the softmax
@@ -51,21 +50,22 @@ absl::Status CheckLogits(std::span<const float> logits) {
   for (size_t i = 0; i < logits.size(); ++i) {
     if (std::isnan(logits[i]) || logits[i] == kPosInf) {
       return absl::InvalidArgumentError(
-          absl::StrCat("logits row holds ", std::isnan(logits[i]) ? "NaN" : "+inf",
-                       " at token ", i, "; refusing to sample from it"));
+          absl::StrCat("logits row holds ", std::isnan(logits[i]) ? "NaN" : "+inf", " at token ", i,
+                       "; refusing to sample from it"));
     }
   }
   return absl::OkStatus();
 }
 
-// log(sum(exp(logits))), accumulated in double so logprobs match a double reference to ~1e-6
-// even over a 256k vocab. -inf when every token is masked.
+// log(sum(exp(logits))). Each term is an f32 exp (within an ulp), the sum is a double so the
+// error does not grow with a 256k vocab: ~1e-7 against a double reference. -inf when every
+// token is masked.
 double LogSumExp(std::span<const float> logits) {
   float max = kNegInf;
   for (float v : logits) max = std::max(max, v);
   if (max == kNegInf) return -std::numeric_limits<double>::infinity();
   double sum = 0.0;
-  for (float v : logits) sum += std::exp(static_cast<double>(v) - max);
+  for (float v : logits) sum += std::exp(v - max);
   return max + std::log(sum);
 }
 
@@ -113,47 +113,64 @@ int32_t Argmax(std::span<const float> logits) {
 }
 
 struct Candidate {
-  float logit;    // after penalties, before temperature (the order is the same)
+  float logit;  // after penalties, before temperature (the order is the same)
   int32_t id;
-  double weight;  // exp((logit - max) / temperature), unnormalised; the max has weight 1
+  float weight;  // exp((logit - max) / temperature), unnormalised; the max has weight 1
 };
 
 bool CandidateAhead(const Candidate& a, const Candidate& b) {
   return Ahead(a.logit, a.id, b.logit, b.id);
 }
 
-// Keeps the k best by nth_element (O(n)), then sorts those k so the draw order, and hence the
-// token a given uniform maps to, does not depend on the standard library's nth_element.
-void KeepTopK(std::vector<Candidate>& cands, int top_k) {
+// Every filter keeps a best-first prefix of the candidates. Finding the prefix's last member
+// by selection on a scratch copy and then dropping whatever ranks after it keeps the
+// candidates in id order: the order the draw walks, and hence which token a given uniform
+// maps to, never depends on how the standard library's nth_element permutes.
+void KeepUpTo(std::vector<Candidate>& cands, const Candidate& last) {
+  std::erase_if(cands, [&](const Candidate& c) { return CandidateAhead(last, c); });
+}
+
+// top-k in O(n).
+void KeepTopK(std::vector<Candidate>& cands, std::vector<Candidate>& scratch, int top_k) {
   if (top_k <= 0 || static_cast<size_t>(top_k) >= cands.size()) return;
-  std::nth_element(cands.begin(), cands.begin() + top_k, cands.end(), CandidateAhead);
-  cands.resize(top_k);
-  std::sort(cands.begin(), cands.end(), CandidateAhead);
+  scratch.assign(cands.begin(), cands.end());
+  std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), CandidateAhead);
+  KeepUpTo(cands, scratch[top_k - 1]);
 }
 
-// Keeps the smallest best-first prefix whose weight reaches `target` (at least one token).
-// Sorts only as far as needed: a prefix of 64, then 4x more of the rest each round.
-void KeepTopP(std::vector<Candidate>& cands, double target) {
-  const size_t n = cands.size();
-  size_t sorted = 0;
-  size_t chunk = 64;
-  double cum = 0.0;
-  while (sorted < n) {
-    const size_t end = std::min(n, sorted + chunk);
-    std::partial_sort(cands.begin() + sorted, cands.begin() + end, cands.end(), CandidateAhead);
-    for (; sorted < end; ++sorted) {
-      cum += cands[sorted].weight;
-      if (cum >= target) {
-        cands.resize(sorted + 1);
-        return;
-      }
+// top-p: the smallest best-first prefix whose weight reaches `target` (at least one token), in
+// expected O(n) by halving selection instead of the full sort vLLM does: each round settles
+// whether the cut lies in the better or the worse half of what is left.
+void KeepTopP(std::vector<Candidate>& cands, std::vector<Candidate>& scratch, double target) {
+  scratch.assign(cands.begin(), cands.end());
+  size_t lo = 0, hi = scratch.size();  // [0, lo) is kept for sure, [hi, n) dropped
+  while (hi - lo > 32) {
+    const size_t mid = lo + (hi - lo) / 2;
+    std::nth_element(scratch.begin() + lo, scratch.begin() + mid, scratch.begin() + hi,
+                     CandidateAhead);
+    double mass = 0.0;
+    for (size_t i = lo; i < mid; ++i) mass += scratch[i].weight;
+    if (mass >= target) {
+      hi = mid;
+    } else {
+      target -= mass;
+      lo = mid;
     }
-    chunk *= 4;
   }
-  // Rounding left the total a hair under target: every candidate stays.
+  std::sort(scratch.begin() + lo, scratch.begin() + hi, CandidateAhead);
+  size_t last = hi - 1;  // rounding left the sum a hair under target: keep all of [lo, hi)
+  double cum = 0.0;
+  for (size_t i = lo; i < hi; ++i) {
+    cum += scratch[i].weight;
+    if (cum >= target) {
+      last = i;
+      break;
+    }
+  }
+  KeepUpTo(cands, scratch[last]);
 }
 
-// Inverse CDF over the candidates in their current (deterministic) order.
+// Inverse CDF over the candidates in id order.
 int32_t Draw(const std::vector<Candidate>& cands, double uniform) {
   double total = 0.0;
   for (const Candidate& c : cands) total += c.weight;
@@ -165,7 +182,7 @@ int32_t Draw(const std::vector<Candidate>& cands, double uniform) {
   }
   // uniform * total rounded up to total: the answer is the last token with any mass.
   for (auto it = cands.rbegin(); it != cands.rend(); ++it) {
-    if (it->weight > 0.0) return it->id;
+    if (it->weight > 0.0f) return it->id;
   }
   return cands.front().id;  // unreachable: the max always has weight 1
 }
@@ -173,38 +190,45 @@ int32_t Draw(const std::vector<Candidate>& cands, double uniform) {
 // Steps 3-5 on penalised logits. Returns -1 when every token is masked.
 int32_t SampleFiltered(std::span<const float> logits, SamplerState& state) {
   const SamplingParams& p = state.params();
-  // Reused across calls so a 100k+ vocab does not cost a fresh multi-MB allocation per token.
+  // Reused across calls so a 100k+ vocab does not cost fresh multi-MB allocations per token.
   thread_local std::vector<Candidate> cands;
+  thread_local std::vector<Candidate> scratch;
   cands.clear();
   for (size_t i = 0; i < logits.size(); ++i) {
     // Masked tokens have zero probability under every filter below, so they are never
     // candidates; this also keeps -inf out of the weight arithmetic.
-    if (logits[i] != kNegInf) cands.push_back({logits[i], static_cast<int32_t>(i), 0.0});
+    if (logits[i] != kNegInf) cands.push_back({logits[i], static_cast<int32_t>(i), 0.0f});
   }
   if (cands.empty()) return -1;
-  KeepTopK(cands, p.top_k);
+  KeepTopK(cands, scratch, p.top_k);
 
   float max_logit = kNegInf;
   for (const Candidate& c : cands) max_logit = std::max(max_logit, c.logit);
   // Subtracting the max before dividing keeps tiny temperatures from overflowing: the max maps
-  // to exactly 0, everything else to <= 0 (at worst -inf, i.e. weight 0). Double because
-  // logit - max can overflow float when penalties push logits to +-FLT_MAX.
-  const double temperature = p.temperature;
+  // to exactly 0, everything else to <= 0 (at worst -inf, i.e. weight 0, which is also what a
+  // difference past -FLT_MAX rounds to). Single-precision exp, double sums: logits are f32.
+  const float temperature = p.temperature;
   double total = 0.0;
   for (Candidate& c : cands) {
-    c.weight = std::exp((static_cast<double>(c.logit) - max_logit) / temperature);
+    c.weight = std::exp((c.logit - max_logit) / temperature);
     total += c.weight;
   }
 
-  // min-p before top-p is the same result, cheaper: prob < min_p * max_prob is weight < min_p
-  // (the max has weight 1), a suffix of the best-first order that top-p walks, and top-p's
-  // target below stays relative to the mass of the whole top-k set, as vLLM computes it.
-  // erase_if is stable, so candidates keep their deterministic order.
-  if (p.min_p > 0.0f) {
-    const double min_weight = p.min_p;
+  // min-p and top-p both keep a best-first prefix, so min-p can go first: prob < min_p *
+  // max_prob is weight < min_p (the max has weight 1), and top-p's target stays relative to
+  // the whole top-k set's mass, as vLLM computes it. The same pass drops tokens too light to
+  // matter to top-p: if n tokens each weigh under (1 - top_p) * total / n, the rest already
+  // reach top_p * total, so the cut falls before all of them (halved for rounding). On a
+  // peaked row that leaves a few hundred tokens of a 100k+ vocab for the selection.
+  double min_weight = p.min_p;
+  if (p.top_p < 1.0f) {
+    const double light = 0.5 * (1.0 - p.top_p) * total / static_cast<double>(cands.size());
+    min_weight = std::max(min_weight, light);
+  }
+  if (min_weight > 0.0) {
     std::erase_if(cands, [&](const Candidate& c) { return c.weight < min_weight; });
   }
-  if (p.top_p < 1.0f) KeepTopP(cands, static_cast<double>(p.top_p) * total);
+  if (p.top_p < 1.0f) KeepTopP(cands, scratch, static_cast<double>(p.top_p) * total);
   return Draw(cands, state.NextUniform());
 }
 
@@ -216,8 +240,8 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
     return OutOfRange("temperature", p.temperature, "[0, 100]");
   }
   if (p.top_k < -1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "sampling parameter top_k must be -1 or 0 (off) or positive, got ", p.top_k));
+    return absl::InvalidArgumentError(
+        absl::StrCat("sampling parameter top_k must be -1 or 0 (off) or positive, got ", p.top_k));
   }
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) return OutOfRange("top_p", p.top_p, "(0, 1]");
   if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) return OutOfRange("min_p", p.min_p, "[0, 1]");

@@ -13,6 +13,8 @@ namespace {
 // INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET): enough context for the first generated token's
 // leading space and for a character whose bytes started in the prompt.
 constexpr size_t kInitialWindow = 5;
+// How far back the window may be widened when the last prompt tokens decode to nothing.
+constexpr size_t kMaxPromptTail = 32;
 
 // Normally new_text extends prefix_text and this is prefix_text.size(). Decoders that are not
 // prefix-stable (ByteFallback turns a whole invalid byte run into U+FFFDs, so a byte emitted
@@ -33,10 +35,12 @@ IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer& tokenizer,
                                                bool skip_special_tokens)
     : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {
   // Only the tail of the prompt is ever decoded again.
-  const size_t keep = std::min(prompt_ids.size(), kInitialWindow);
+  const size_t keep = std::min(prompt_ids.size(), kMaxPromptTail);
   ids_.assign(prompt_ids.end() - keep, prompt_ids.end());
-  prefix_offset_ = 0;
   read_offset_ = ids_.size();
+  prefix_offset_ = read_offset_ - std::min(read_offset_, kInitialWindow);
+  // Same rule as in Push: the window must decode to something (see there).
+  while (prefix_offset_ > 0 && DecodeWindow(prefix_offset_, read_offset_).empty()) --prefix_offset_;
 }
 
 std::string IncrementalDetokenizer::DecodeWindow(size_t begin, size_t end) const {
@@ -63,7 +67,10 @@ absl::StatusOr<std::string> IncrementalDetokenizer::Push(int32_t id) {
   // special token, or a lone "▁" the decoder strips at the start of the window).
   if (new_text.size() <= prefix_text.size() || EndsWithReplacementChar(new_text)) return std::string();
   std::string delta = new_text.substr(CommonPrefixAtCharBoundary(prefix_text, new_text));
-  prefix_offset_ = read_offset_;
+  // The next window starts at read_offset_, unless that stretch decodes to nothing:
+  // SentencePiece strips *all* leading whitespace pieces of a decode, so a window made only of
+  // "▁" pieces would also eat the space of the token after it.
+  if (!DecodeWindow(read_offset_, ids_.size()).empty()) prefix_offset_ = read_offset_;
   read_offset_ = ids_.size();
   // The window before prefix_offset_ is never decoded again; drop it so ids_ stays short.
   if (prefix_offset_ > 0) {

@@ -53,9 +53,7 @@ class SamplerState {
   // Uniform in [0, 1), from the request's own stream (xoshiro256**, seeded via splitmix64).
   double NextUniform();
   // Both return 0 / false for ids outside [0, vocab_size), like ids never observed.
-  uint32_t output_count(int32_t token) const {
-    return InVocab(token) ? output_counts_[token] : 0;
-  }
+  uint32_t output_count(int32_t token) const { return InVocab(token) ? output_counts_[token] : 0; }
   bool seen_in_prompt(int32_t token) const { return InVocab(token) && prompt_seen_[token] != 0; }
   // Tokens that appeared anywhere, for sparse penalty application.
   const std::vector<int32_t>& seen_tokens() const { return seen_tokens_; }
