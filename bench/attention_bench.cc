@@ -2,7 +2,8 @@
 //
 // bytes_per_second counts the K and V bytes a pass must read at least once (each sequence's KV
 // for every KV head): decode is bound by it, so it is the number to compare with the machine's
-// memory bandwidth. Block tables are shuffled, as they are in a long-running server.
+// memory bandwidth; prefill also reports flops. Block tables are shuffled, as they are in a
+// long-running server.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -103,6 +104,12 @@ void BM_PagedAttentionPrefill(benchmark::State& state) {
   }
   state.SetBytesProcessed(state.iterations() * batch.kv_bytes);
   state.SetItemsProcessed(state.iterations() * batch.num_tokens);  // prompt tokens
+  // Prefill is bound by arithmetic, not by KV bytes: 2 * Dh multiply-adds (q.k and p*v) per query
+  // head per causal (query, key) pair.
+  const double pairs = 0.5 * tokens * (tokens + 1.0);
+  state.counters["flops"] =
+      benchmark::Counter(static_cast<double>(state.iterations()) * pairs * kHq * kDh * 4.0,
+                         benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_PagedAttentionPrefill)
     ->ArgName("tokens")

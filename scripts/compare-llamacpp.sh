@@ -21,13 +21,16 @@
 #   e) llama-bench -p 0 -n 256 -t 1,2 -r $REPS (text generation of 256 tokens, tokens/s; once
 #      with an f32 KV cache, like cleave's, and once with llama.cpp's default f16 one; each with
 #      flash attention off and on), then
-#      cleave's `build/bin/decode_bench models/stories260K 256 7 1 2` when that binary exists
+#      cleave's `build/bin/decode_bench models/stories260K 256 $REPS 1 2` when that binary exists
 #      (before the llama.cpp run, so both numbers end up next to each other at the bottom).
 #
 # Environment: LCPP_PY_VERSION (0.3.36), LCPP_SDIST (path to the sdist), JOBS (1), REPS (7),
 #              NGEN (256), CLEAVE_MODEL (models/stories260K), DECODE_BENCH (build/bin/decode_bench).
-# Requires: cmake, a C++17 compiler, python3 with numpy, torch, safetensors, sentencepiece,
-#           transformers (the last two only for the HF-dir fallback / convert script).
+# Noise: on a small shared machine the threads=2 numbers swing wildly when other jobs run, since
+# llama.cpp's OpenMP workers spin-wait; OMP_WAIT_POLICY=passive (passed through) tames that.
+# Compare both engines in the same run, and check the load average printed with the results.
+# Requires: cmake, a C++17 compiler, python3 with numpy, torch, transformers, safetensors and
+#           sentencepiece (convert_hf_to_gguf.py and the HF-dir fallback use them).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -146,8 +149,8 @@ fi
 # ---- e) benchmarks -------------------------------------------------------------------------
 CLEAVE_OUT=""
 if [ -x "$DECODE_BENCH" ]; then
-  log "cleave: decode_bench $CLEAVE_MODEL $NGEN 7 1 2"
-  CLEAVE_OUT=$(cd "$REPO" && "$DECODE_BENCH" "$CLEAVE_MODEL" "$NGEN" 7 1 2 2>&1) || \
+  log "cleave: decode_bench $CLEAVE_MODEL $NGEN $REPS 1 2"
+  CLEAVE_OUT=$(cd "$REPO" && "$DECODE_BENCH" "$CLEAVE_MODEL" "$NGEN" "$REPS" 1 2 2>&1) || \
     CLEAVE_OUT="decode_bench failed: $CLEAVE_OUT"
 else
   CLEAVE_OUT="(no $DECODE_BENCH yet: cleave not benchmarked)"

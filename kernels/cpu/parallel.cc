@@ -24,10 +24,16 @@ class Pool {
 
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
+  // Safe against concurrent Run(): takes the same lock. New workers start from the current
+  // generation so they never replay a finished job.
   void Resize(int threads) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);
     Stop();
     stop_ = false;
-    for (int i = 0; i + 1 < threads; ++i) workers_.emplace_back([this, i] { Loop(i); });
+    const uint64_t generation = generation_;
+    for (int i = 0; i + 1 < threads; ++i) {
+      workers_.emplace_back([this, i, generation] { Loop(i, generation); });
+    }
   }
 
   void Run(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
@@ -47,7 +53,12 @@ class Pool {
       ++generation_;
     }
     cv_.notify_all();
+    // The caller's own share counts as pool work, so a ParallelFor nested inside it runs inline
+    // instead of waiting on run_mu_, which this thread holds.
+    const bool was_worker = t_in_worker;
+    t_in_worker = true;
     RunPart(0);
+    t_in_worker = was_worker;
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [this] { return pending_ == 0; });
     fn_ = nullptr;
@@ -60,9 +71,8 @@ class Pool {
     if (begin < end) (*fn_)(begin, end);
   }
 
-  void Loop(int index) {
+  void Loop(int index, uint64_t seen) {
     t_in_worker = true;
-    uint64_t seen = 0;
     for (;;) {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || generation_ != seen; });

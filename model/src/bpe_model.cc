@@ -41,13 +41,14 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(BpeModelOptions optio
   auto model = std::unique_ptr<BpeModel>(new BpeModel());
   int64_t max_id = -1;
   for (const auto& [token, id] : options.vocab) {
-    if (id < 0) return absl::InvalidArgumentError(absl::StrCat("BPE vocab id ", id, " is negative"));
+    if (id < 0)
+      return absl::InvalidArgumentError(absl::StrCat("BPE vocab id ", id, " is negative"));
     max_id = std::max<int64_t>(max_id, id);
   }
   // Ids index a table; a hostile file with one id of 2^31 must not allocate gigabytes.
   if (max_id >= 2 * static_cast<int64_t>(options.vocab.size()) + 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("BPE vocab ids are too sparse: ",
-                                                   options.vocab.size(), " tokens, max id ", max_id));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "BPE vocab ids are too sparse: ", options.vocab.size(), " tokens, max id ", max_id));
   }
   model->id_to_token_.resize(max_id + 1);
   model->has_token_.assign(max_id + 1, false);
@@ -65,8 +66,8 @@ absl::StatusOr<std::unique_ptr<BpeModel>> BpeModel::Create(BpeModelOptions optio
     const auto& [a, b] = options.merges[rank];
     auto ia = model->TokenToId(a), ib = model->TokenToId(b), inew = model->TokenToId(a + b);
     if (!ia || !ib) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("BPE merge ", rank, " (\"", a, "\" \"", b, "\") names a token not in the vocab"));
+      return absl::InvalidArgumentError(absl::StrCat("BPE merge ", rank, " (\"", a, "\" \"", b,
+                                                     "\") names a token not in the vocab"));
     }
     if (!inew) {
       return absl::InvalidArgumentError(
@@ -123,9 +124,8 @@ void BpeModel::InitialSymbols(std::string_view word, std::vector<int32_t>* symbo
       symbols->push_back(*id);
       continue;
     }
-    const bool bytes_known = std::all_of(ch.begin(), ch.end(), [this](char c) {
-      return byte_ids_[static_cast<uint8_t>(c)] >= 0;
-    });
+    const bool bytes_known = std::all_of(
+        ch.begin(), ch.end(), [this](char c) { return byte_ids_[static_cast<uint8_t>(c)] >= 0; });
     if (bytes_known) {
       for (char c : ch) symbols->push_back(byte_ids_[static_cast<uint8_t>(c)]);
       continue;
@@ -151,7 +151,8 @@ std::vector<int32_t> BpeModel::MergeWord(std::string_view word) const {
   };
   std::priority_queue<MergeCandidate> queue;
   for (int32_t i = 0; i + 1 < n; ++i) {
-    if (const MergeRule* r = rule_for(sym[i].id, sym[i + 1].id)) queue.push({r->rank, i, r->new_id});
+    if (const MergeRule* r = rule_for(sym[i].id, sym[i + 1].id))
+      queue.push({r->rank, i, r->new_id});
   }
   while (!queue.empty()) {
     const MergeCandidate top = queue.top();

@@ -15,6 +15,9 @@ namespace {
 constexpr size_t kInitialWindow = 5;
 // How far back the window may be widened when the last prompt tokens decode to nothing.
 constexpr size_t kMaxPromptTail = 32;
+// Window length beyond which text is emitted even if it ends in U+FFFD. Real output never gets
+// near it (a character is at most 4 byte tokens); it bounds the cost of degenerate streams.
+constexpr size_t kMaxWindow = 64;
 
 // Normally new_text extends prefix_text and this is prefix_text.size(). Decoders that are not
 // prefix-stable (ByteFallback turns a whole invalid byte run into U+FFFDs, so a byte emitted
@@ -52,8 +55,8 @@ std::string IncrementalDetokenizer::DecodeWindow(size_t begin, size_t end) const
 
 absl::StatusOr<std::string> IncrementalDetokenizer::Push(int32_t id) {
   if (id < 0 || id >= tokenizer_.vocab_size()) {
-    return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is out of range [0, ",
-                                                   tokenizer_.vocab_size(), ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("token id ", id, " is out of range [0, ", tokenizer_.vocab_size(), ")"));
   }
   {  // Also catches holes in the vocabulary before the id joins the window.
     const int32_t one[] = {id};
@@ -64,13 +67,21 @@ absl::StatusOr<std::string> IncrementalDetokenizer::Push(int32_t id) {
   const std::string prefix_text = DecodeWindow(prefix_offset_, read_offset_);
   const std::string new_text = DecodeWindow(prefix_offset_, ids_.size());
   // Hold back while the window ends in a partial character, or adds nothing (e.g. a skipped
-  // special token, or a lone "▁" the decoder strips at the start of the window).
-  if (new_text.size() <= prefix_text.size() || EndsWithReplacementChar(new_text)) return std::string();
+  // special token, or a lone "▁" the decoder strips at the start of the window) -- unless the
+  // window has grown past kMaxWindow, where a stream of such tokens would make every Push
+  // decode an ever longer window.
+  const bool window_full = ids_.size() - prefix_offset_ > kMaxWindow;
+  if (!window_full &&
+      (new_text.size() <= prefix_text.size() || EndsWithReplacementChar(new_text))) {
+    return std::string();
+  }
   std::string delta = new_text.substr(CommonPrefixAtCharBoundary(prefix_text, new_text));
   // The next window starts at read_offset_, unless that stretch decodes to nothing:
   // SentencePiece strips *all* leading whitespace pieces of a decode, so a window made only of
   // "▁" pieces would also eat the space of the token after it.
-  if (!DecodeWindow(read_offset_, ids_.size()).empty()) prefix_offset_ = read_offset_;
+  if (window_full || !DecodeWindow(read_offset_, ids_.size()).empty()) {
+    prefix_offset_ = read_offset_;
+  }
   read_offset_ = ids_.size();
   // The window before prefix_offset_ is never decoded again; drop it so ids_ stays short.
   if (prefix_offset_ > 0) {

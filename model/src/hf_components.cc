@@ -226,7 +226,8 @@ class ByteLevelPreTokenizer : public PreTokenizer {
         if (!p.text.empty() && p.text[0] != ' ') Prepend(" ", &p.text);
       }
     }
-    if (regex_) CLEAVE_RETURN_IF_ERROR(SplitPieces(*regex_, SplitBehavior::kIsolated, false, pieces));
+    if (regex_)
+      CLEAVE_RETURN_IF_ERROR(SplitPieces(*regex_, SplitBehavior::kIsolated, false, pieces));
     for (TextPiece& p : *pieces) {
       std::string mapped;
       mapped.reserve(p.text.size() * 2);
@@ -249,8 +250,8 @@ class MetaspacePreTokenizer : public PreTokenizer {
     const TextPattern space = TextPattern::Literal(" ");
     for (TextPiece& p : *pieces) {
       CLEAVE_ASSIGN_OR_RETURN(p.text, space.ReplaceAll(p.text, replacement_));
-      const bool prepend = scheme_ == PrependScheme::kAlways ||
-                           (scheme_ == PrependScheme::kFirst && p.at_origin);
+      const bool prepend =
+          scheme_ == PrependScheme::kAlways || (scheme_ == PrependScheme::kFirst && p.at_origin);
       if (prepend && !p.text.empty() && !p.text.starts_with(replacement_)) {
         Prepend(replacement_, &p.text);
       }

@@ -10,7 +10,8 @@ namespace {
 
 class SequenceDecoder : public Decoder {
  public:
-  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> parts) : parts_(std::move(parts)) {}
+  explicit SequenceDecoder(std::vector<std::unique_ptr<Decoder>> parts)
+      : parts_(std::move(parts)) {}
   absl::Status Decode(std::vector<std::string>* tokens) const override {
     for (const auto& p : parts_) CLEAVE_RETURN_IF_ERROR(p->Decode(tokens));
     return absl::OkStatus();

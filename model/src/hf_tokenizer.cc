@@ -1,6 +1,7 @@
 #include "cleave/model/hf_tokenizer.h"
 
 #include <algorithm>
+#include <array>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
@@ -33,17 +34,16 @@ class AddedTokenMatcher {
     int32_t node = 0;
     for (char c : pattern) {
       const auto byte = static_cast<uint8_t>(c);
-      auto& kids = nodes_[node].children;
-      auto it = std::find_if(kids.begin(), kids.end(), [&](auto& k) { return k.first == byte; });
-      if (it != kids.end()) {
-        node = it->second;
-        continue;
+      int32_t next = Child(node, byte);
+      if (next < 0) {
+        next = static_cast<int32_t>(nodes_.size());
+        if (node == 0) root_[byte] = next;
+        nodes_[node].children.emplace_back(byte, next);
+        nodes_.emplace_back();
       }
-      kids.emplace_back(byte, static_cast<int32_t>(nodes_.size()));
-      node = static_cast<int32_t>(nodes_.size());
-      nodes_.emplace_back();
+      node = next;
     }
-    if (nodes_[node].token == nullptr) nodes_[node].token = token;  // first definition wins
+    nodes_[node].token = token;  // a later duplicate wins, as in `tokenizers`
     any_single_word_ |= token->single_word;
   }
   bool empty() const { return nodes_.size() == 1; }
@@ -63,11 +63,8 @@ class AddedTokenMatcher {
     const AddedTokenSpec* best = nullptr;
     int32_t node = 0;
     for (size_t i = pos; i < text.size(); ++i) {
-      const auto byte = static_cast<uint8_t>(text[i]);
-      const auto& kids = nodes_[node].children;
-      auto it = std::find_if(kids.begin(), kids.end(), [&](auto& k) { return k.first == byte; });
-      if (it == kids.end()) break;
-      node = it->second;
+      node = Child(node, static_cast<uint8_t>(text[i]));
+      if (node < 0) break;
       if (nodes_[node].token != nullptr) {
         best = nodes_[node].token;
         *len = i + 1 - pos;
@@ -76,8 +73,24 @@ class AddedTokenMatcher {
     return best;
   }
 
+  // -1 when absent. The root, tried at every byte of the text, has a direct table.
+  int32_t Child(int32_t node, uint8_t byte) const {
+    if (node == 0) return root_[byte];
+    for (const auto& [b, next] : nodes_[node].children) {
+      if (b == byte) return next;
+    }
+    return -1;
+  }
+
   std::vector<Node> nodes_ = std::vector<Node>(1);
+  std::array<int32_t, 256> root_ = MakeEmptyRoot();
   bool any_single_word_ = false;
+
+  static std::array<int32_t, 256> MakeEmptyRoot() {
+    std::array<int32_t, 256> root;
+    root.fill(-1);
+    return root;
+  }
 };
 
 // Whether the character ending at / starting at a position is a regex word character (what
@@ -223,6 +236,7 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Create(HfTokenizerPart
     tok->added_by_content_[t.content] = &t;
   }
   tok->vocab_size_ = max_id + 1;
+  if (tok->vocab_size_ == 0) return absl::InvalidArgumentError("tokenizer has no tokens");
   if (tok->raw_matcher_.any_single_word() || tok->normalized_matcher_.any_single_word()) {
     // regex-syntax's \w, which `tokenizers` uses for the single_word boundary test.
     CLEAVE_ASSIGN_OR_RETURN(
@@ -256,7 +270,8 @@ absl::Status HfTokenizer::EncodePlain(std::string_view text, bool at_origin,
       continue;
     }
     pieces.clear();
-    pieces.push_back({normalized.substr(seg.begin, seg.end - seg.begin), at_origin && seg.begin == 0});
+    pieces.push_back(
+        {normalized.substr(seg.begin, seg.end - seg.begin), at_origin && seg.begin == 0});
     if (pre_tokenizer_ != nullptr) CLEAVE_RETURN_IF_ERROR(pre_tokenizer_->PreTokenize(&pieces));
     for (const TextPiece& p : pieces) model_->Tokenize(p.text, ids);
   }

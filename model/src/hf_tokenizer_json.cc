@@ -14,6 +14,10 @@ namespace {
 
 using Json = nlohmann::json;
 
+// Nesting of Sequence components; real files use one level. Bounded so a hostile file cannot
+// exhaust the stack through recursion.
+constexpr int kMaxNesting = 32;
+
 absl::Status Bad(const std::string& where, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("tokenizer.json: ", where, ": ", what));
 }
@@ -26,7 +30,8 @@ const Json* Find(const Json& obj, const char* key) {
 
 absl::StatusOr<std::string> String(const Json& obj, const char* key, const std::string& where) {
   const Json* v = Find(obj, key);
-  if (v == nullptr || !v->is_string()) return Bad(where, absl::StrCat("\"", key, "\" must be a string"));
+  if (v == nullptr || !v->is_string())
+    return Bad(where, absl::StrCat("\"", key, "\" must be a string"));
   return v->get<std::string>();
 }
 
@@ -39,7 +44,8 @@ absl::StatusOr<std::optional<std::string>> OptString(const Json& obj, const char
   return v->get<std::string>();
 }
 
-absl::StatusOr<bool> Bool(const Json& obj, const char* key, bool fallback, const std::string& where) {
+absl::StatusOr<bool> Bool(const Json& obj, const char* key, bool fallback,
+                          const std::string& where) {
   const Json* v = Find(obj, key);
   if (v == nullptr || v->is_null()) return fallback;
   if (!v->is_boolean()) return Bad(where, absl::StrCat("\"", key, "\" must be a boolean"));
@@ -59,7 +65,8 @@ absl::StatusOr<int32_t> Int32(const Json& v, const std::string& where) {
 
 absl::StatusOr<const Json*> Array(const Json& obj, const char* key, const std::string& where) {
   const Json* v = Find(obj, key);
-  if (v == nullptr || !v->is_array()) return Bad(where, absl::StrCat("\"", key, "\" must be an array"));
+  if (v == nullptr || !v->is_array())
+    return Bad(where, absl::StrCat("\"", key, "\" must be an array"));
   return v;
 }
 
@@ -70,9 +77,11 @@ absl::StatusOr<std::string> TypeOf(const Json& obj, const std::string& where) {
 }
 
 // {"String": "..."} or {"Regex": "..."}.
-absl::StatusOr<TextPattern> ParsePattern(const Json& obj, const char* key, const std::string& where) {
+absl::StatusOr<TextPattern> ParsePattern(const Json& obj, const char* key,
+                                         const std::string& where) {
   const Json* p = Find(obj, key);
-  if (p == nullptr || !p->is_object()) return Bad(where, "pattern must be {\"String\"|\"Regex\": ...}");
+  if (p == nullptr || !p->is_object())
+    return Bad(where, "pattern must be {\"String\"|\"Regex\": ...}");
   if (const Json* s = Find(*p, "String"); s != nullptr && s->is_string()) {
     return TextPattern::Literal(s->get<std::string>());
   }
@@ -106,14 +115,31 @@ absl::StatusOr<PrependScheme> ParsePrependScheme(const Json& obj, const std::str
   return Bad(where, absl::StrCat("unknown prepend_scheme \"", *scheme, "\""));
 }
 
-absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const Json& j, const std::string& where) {
+absl::StatusOr<SplitBehavior> ParseSplitBehavior(const std::string& name,
+                                                 const std::string& where) {
+  static constexpr std::pair<std::string_view, SplitBehavior> kNames[] = {
+      {"Removed", SplitBehavior::kRemoved},
+      {"Isolated", SplitBehavior::kIsolated},
+      {"MergedWithPrevious", SplitBehavior::kMergedWithPrevious},
+      {"MergedWithNext", SplitBehavior::kMergedWithNext},
+      {"Contiguous", SplitBehavior::kContiguous},
+  };
+  for (const auto& [n, b] : kNames) {
+    if (name == n) return b;
+  }
+  return Bad(where, absl::StrCat("unknown split behavior \"", name, "\""));
+}
+
+absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const Json& j, const std::string& where,
+                                                            int depth = 0) {
+  if (depth > kMaxNesting) return Bad(where, "nested too deeply");
   CLEAVE_ASSIGN_OR_RETURN(std::string type, TypeOf(j, where));
   const std::string here = absl::StrCat(where, "(", type, ")");
   if (type == "Sequence") {
     CLEAVE_ASSIGN_OR_RETURN(const Json* list, Array(j, "normalizers", here));
     std::vector<std::unique_ptr<Normalizer>> parts;
     for (const Json& item : *list) {
-      CLEAVE_ASSIGN_OR_RETURN(auto part, ParseNormalizer(item, here));
+      CLEAVE_ASSIGN_OR_RETURN(auto part, ParseNormalizer(item, here, depth + 1));
       parts.push_back(std::move(part));
     }
     return MakeSequenceNormalizer(std::move(parts));
@@ -137,14 +163,16 @@ absl::StatusOr<std::unique_ptr<Normalizer>> ParseNormalizer(const Json& j, const
 }
 
 absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const Json& j,
-                                                                const std::string& where) {
+                                                                const std::string& where,
+                                                                int depth = 0) {
+  if (depth > kMaxNesting) return Bad(where, "nested too deeply");
   CLEAVE_ASSIGN_OR_RETURN(std::string type, TypeOf(j, where));
   const std::string here = absl::StrCat(where, "(", type, ")");
   if (type == "Sequence") {
     CLEAVE_ASSIGN_OR_RETURN(const Json* list, Array(j, "pretokenizers", here));
     std::vector<std::unique_ptr<PreTokenizer>> parts;
     for (const Json& item : *list) {
-      CLEAVE_ASSIGN_OR_RETURN(auto part, ParsePreTokenizer(item, here));
+      CLEAVE_ASSIGN_OR_RETURN(auto part, ParsePreTokenizer(item, here, depth + 1));
       parts.push_back(std::move(part));
     }
     return MakeSequencePreTokenizer(std::move(parts));
@@ -153,13 +181,7 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const Json& j,
     CLEAVE_ASSIGN_OR_RETURN(TextPattern pattern, ParsePattern(j, "pattern", here));
     CLEAVE_ASSIGN_OR_RETURN(std::string behavior, String(j, "behavior", here));
     CLEAVE_ASSIGN_OR_RETURN(bool invert, Bool(j, "invert", false, here));
-    SplitBehavior b;
-    if (behavior == "Removed") b = SplitBehavior::kRemoved;
-    else if (behavior == "Isolated") b = SplitBehavior::kIsolated;
-    else if (behavior == "MergedWithPrevious") b = SplitBehavior::kMergedWithPrevious;
-    else if (behavior == "MergedWithNext") b = SplitBehavior::kMergedWithNext;
-    else if (behavior == "Contiguous") b = SplitBehavior::kContiguous;
-    else return Bad(here, absl::StrCat("unknown split behavior \"", behavior, "\""));
+    CLEAVE_ASSIGN_OR_RETURN(SplitBehavior b, ParseSplitBehavior(behavior, here));
     return MakeSplitPreTokenizer(std::move(pattern), b, invert);
   }
   if (type == "ByteLevel") {
@@ -180,14 +202,16 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const Json& j,
   return Bad(where, absl::StrCat("unsupported pre_tokenizer type \"", type, "\""));
 }
 
-absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const Json& j, const std::string& where) {
+absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const Json& j, const std::string& where,
+                                                      int depth = 0) {
+  if (depth > kMaxNesting) return Bad(where, "nested too deeply");
   CLEAVE_ASSIGN_OR_RETURN(std::string type, TypeOf(j, where));
   const std::string here = absl::StrCat(where, "(", type, ")");
   if (type == "Sequence") {
     CLEAVE_ASSIGN_OR_RETURN(const Json* list, Array(j, "decoders", here));
     std::vector<std::unique_ptr<Decoder>> parts;
     for (const Json& item : *list) {
-      CLEAVE_ASSIGN_OR_RETURN(auto part, ParseDecoder(item, here));
+      CLEAVE_ASSIGN_OR_RETURN(auto part, ParseDecoder(item, here, depth + 1));
       parts.push_back(std::move(part));
     }
     return MakeSequenceDecoder(std::move(parts));
@@ -241,7 +265,8 @@ absl::StatusOr<std::unique_ptr<BpeModel>> ParseModel(const Json& j) {
     if (m.is_string()) {  // "a b" (older files)
       const std::string s = m.get<std::string>();
       const size_t space = s.find(' ');
-      if (space == std::string::npos) return Bad("model.merges", absl::StrCat("\"", s, "\" is not \"a b\""));
+      if (space == std::string::npos)
+        return Bad("model.merges", absl::StrCat("\"", s, "\" is not \"a b\""));
       options.merges.emplace_back(s.substr(0, space), s.substr(space + 1));
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       options.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
@@ -292,13 +317,15 @@ absl::StatusOr<std::vector<AddedTokenSpec>> ParseAddedTokens(const Json& root) {
 
 // The special token a TemplateProcessing puts before $A, i.e. the BOS `tokenizers` adds with
 // add_special_tokens=True. Other processors add nothing at the front.
-absl::StatusOr<std::optional<std::string>> TemplateBos(const Json& p, const std::string& where) {
+absl::StatusOr<std::optional<std::string>> TemplateBos(const Json& p, const std::string& where,
+                                                       int depth = 0) {
   if (p.is_null()) return std::nullopt;
+  if (depth > kMaxNesting) return Bad(where, "nested too deeply");
   CLEAVE_ASSIGN_OR_RETURN(std::string type, TypeOf(p, where));
   if (type == "Sequence") {
     CLEAVE_ASSIGN_OR_RETURN(const Json* list, Array(p, "processors", where));
     for (const Json& item : *list) {
-      CLEAVE_ASSIGN_OR_RETURN(auto bos, TemplateBos(item, where));
+      CLEAVE_ASSIGN_OR_RETURN(auto bos, TemplateBos(item, where, depth + 1));
       if (bos) return bos;
     }
     return std::nullopt;
@@ -370,7 +397,8 @@ absl::StatusOr<std::optional<std::string>> ConfigToken(const Json& root, const c
   if (v == nullptr || v->is_null()) return std::nullopt;
   if (v->is_string()) return v->get<std::string>();
   if (v->is_object()) {
-    if (const Json* c = Find(*v, "content"); c != nullptr && c->is_string()) return c->get<std::string>();
+    if (const Json* c = Find(*v, "content"); c != nullptr && c->is_string())
+      return c->get<std::string>();
   }
   return absl::InvalidArgumentError(
       absl::StrCat("tokenizer_config.json: \"", key, "\" must be a string or {\"content\": ...}"));

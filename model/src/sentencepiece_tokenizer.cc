@@ -45,8 +45,8 @@ class SentencePieceTokenizer : public Tokenizer {
     };
     for (int32_t id : ids) {
       if (id < 0 || id >= vocab_size()) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is out of range [0, ",
-                                                       vocab_size(), ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", id, " is out of range [0, ", vocab_size(), ")"));
       }
       if (skip_special_tokens && IsSpecial(id)) continue;
       if (sp_->IsControl(id)) {
@@ -82,7 +82,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(
     const std::filesystem::path& model_file) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(model_file, ec)) {
-    return absl::NotFoundError(absl::StrCat("SentencePiece model not found: ", model_file.string()));
+    return absl::NotFoundError(
+        absl::StrCat("SentencePiece model not found: ", model_file.string()));
   }
   std::string error;
   auto sp = SentencePieceAdapter::Load(model_file.string(), &error);

@@ -135,14 +135,12 @@ bool EndsWithReplacementChar(std::string_view s) {
 
 bool IsUnicodeWhitespace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-         c == 0x205F || c == 0x3000;
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
 }
 
 const std::string& ByteLevelChar(uint8_t byte) { return Tables().to_char[byte]; }
 
-int ByteLevelByte(char32_t cp) {
-  return cp < Tables().to_byte.size() ? Tables().to_byte[cp] : -1;
-}
+int ByteLevelByte(char32_t cp) { return cp < Tables().to_byte.size() ? Tables().to_byte[cp] : -1; }
 
 }  // namespace cleave::model

@@ -275,7 +275,7 @@ TEST(PagedAttention, DecodeMatchesReferenceAndPrefill) {
 // arithmetic is fixed, so results must be bitwise identical for any pool size.
 // DISABLED: SetCpuThreads() after the pool has run work crashes (parallel.cc: workers respawned by
 // Pool::Resize start with seen = 0 != generation_ and run a stale, null fn_). Enable once fixed.
-TEST(PagedAttention, DISABLED_ResultDoesNotDependOnThreadCount) {
+TEST(PagedAttention, ResultDoesNotDependOnThreadCount) {
   std::mt19937 rng(kSeed + 8);
   const std::vector<Case> cases = {
       DecodeCase("threads_decode", {0, 300, 1200, 40}, 16, 8, 64, 16),

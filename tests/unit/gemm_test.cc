@@ -100,12 +100,14 @@ TEST_P(LinearTest, MatchesReference) {
 }
 
 std::vector<LinearCase> Cases() {
-  // (m, n, k): m <= 4 takes the 16-bit GEMV path, larger m the panel path; k = 4100 makes the
-  // panel narrower than n = 300 so several panels (and a ragged last one) are exercised; odd
-  // k leaves a scalar tail after the 8-wide loop; n % 4 != 0 leaves single weight rows.
+  // (m, n, k): m <= 4 takes the 16-bit GEMV path, larger m the panel path; k = 16400 makes the
+  // panel (112 rows) narrower than n = 300 so several panels and a ragged last one are
+  // exercised; odd k leaves a scalar tail after the 8-wide loop; n % 4 != 0 leaves single
+  // weight rows.
   const std::vector<std::array<int64_t, 3>> shapes = {
-      {1, 1, 1},    {1, 7, 63},   {1, 129, 1000}, {1, 300, 4100}, {2, 7, 129},   {3, 63, 7},
-      {4, 129, 63}, {5, 63, 129}, {7, 300, 4100}, {63, 129, 63},  {129, 7, 129}, {17, 1, 1}};
+      {1, 1, 1},     {1, 7, 63},    {1, 129, 1000}, {1, 300, 4100}, {2, 7, 129},
+      {3, 63, 7},    {4, 129, 63},  {5, 63, 129},   {7, 300, 4100}, {7, 300, 16400},
+      {63, 129, 63}, {129, 7, 129}, {17, 1, 1}};
   std::vector<LinearCase> cases;
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (const auto& s : shapes) {

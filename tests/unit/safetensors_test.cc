@@ -126,7 +126,9 @@ TEST_F(SafetensorsTest, RoundTripEveryDtype) {
       EXPECT_EQ(e->dtype, specs[i].dtype);
       EXPECT_EQ(e->shape, specs[i].shape);
       ASSERT_EQ(e->nbytes, payloads[i].size());
-      if (e->nbytes > 0) EXPECT_EQ(std::memcmp(e->data, payloads[i].data(), e->nbytes), 0);
+      if (e->nbytes > 0) {
+        EXPECT_EQ(std::memcmp(e->data, payloads[i].data(), e->nbytes), 0);
+      }
       EXPECT_EQ(reinterpret_cast<uintptr_t>(e->data) % kernels::DTypeSize(e->dtype), 0u);
     }
     EXPECT_EQ(file->Find("missing"), nullptr);

@@ -18,6 +18,7 @@ struct OnlineSoftmaxState {
   float sum = 0.0f;
 
   void Add(float x) {
+    if (x == -std::numeric_limits<float>::infinity()) return;  // masked: adds nothing
     if (x > max) {
       sum = sum * std::exp(max - x) + 1.0f;
       max = x;

@@ -18,9 +18,9 @@
 namespace cleave::model {
 
 struct BpeModelOptions {
-  std::vector<std::pair<std::string, int32_t>> vocab;         // token -> id
-  std::vector<std::pair<std::string, std::string>> merges;    // rank = index
-  std::optional<std::string> unk_token;  // must be in vocab when set
+  std::vector<std::pair<std::string, int32_t>> vocab;       // token -> id
+  std::vector<std::pair<std::string, std::string>> merges;  // rank = index
+  std::optional<std::string> unk_token;                     // must be in vocab when set
   bool fuse_unk = false;       // consecutive unknown characters become one <unk>
   bool byte_fallback = false;  // unknown characters become their UTF-8 bytes as <0xNN> tokens
   bool ignore_merges = false;  // a word that is itself in the vocab maps to it directly (Llama-3)

@@ -50,7 +50,8 @@ struct HfTokenizerConfig {
   std::optional<bool> add_bos_token;  // false: no BOS even if the post-processor has one
 };
 // Parses tokenizer_config.json text (only the fields above; the rest is ignored).
-[[nodiscard]] absl::StatusOr<HfTokenizerConfig> ParseHfTokenizerConfig(const std::string& json_text);
+[[nodiscard]] absl::StatusOr<HfTokenizerConfig> ParseHfTokenizerConfig(
+    const std::string& json_text);
 
 [[nodiscard]] absl::StatusOr<std::unique_ptr<Tokenizer>> ParseHfTokenizerJson(
     const std::string& json_text, const HfTokenizerConfig& config);

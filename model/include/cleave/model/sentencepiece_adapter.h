@@ -29,7 +29,7 @@ class SentencePieceAdapter {
   int eos_id() const;  // -1 if none
   bool IsControl(int id) const;
   bool IsUnknown(int id) const;
-  const std::string& IdToPiece(int id) const;  // id in [0, piece_size())
+  const std::string& IdToPiece(int id) const;   // id in [0, piece_size())
   int PieceToId(std::string_view piece) const;  // unk id when unknown
 
  private:

@@ -37,7 +37,7 @@ class TextRegex {
  private:
   TextRegex() = default;
 
-  std::string pattern_;  // as written in the file (before rewriting)
+  std::string pattern_;   // as written in the file (before rewriting)
   void* code_ = nullptr;  // pcre2_code_8*, kept opaque so pcre2.h stays out of this header
 };
 

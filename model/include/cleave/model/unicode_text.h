@@ -32,6 +32,6 @@ bool IsUnicodeWhitespace(char32_t c);
 // bytes to themselves, the rest to U+0100 upwards), so any byte string becomes a string of
 // "characters" BPE can work on.
 const std::string& ByteLevelChar(uint8_t byte);  // UTF-8 of the code point for this byte
-int ByteLevelByte(char32_t code_point);           // inverse; -1 when not in the alphabet
+int ByteLevelByte(char32_t code_point);          // inverse; -1 when not in the alphabet
 
 }  // namespace cleave::model
