@@ -354,20 +354,25 @@ struct QueryRows {
   float* acc = nullptr;                // [rows, Dh]
 };
 
-// Per-worker buffers, allocated once per call and reused for every item the worker takes.
+// Per-thread buffers, kept across calls (a decode step calls attention once per layer) and
+// reused for every item the thread takes; they only grow.
 struct Scratch {
-  explicit Scratch(int64_t max_rows, int64_t head_dim)
-      : k_rows(kKvChunk),
-        v_rows(kKvChunk),
-        scores(max_rows * kKvChunk),
-        first(max_rows),
-        last(max_rows),
-        q(max_rows),
-        pos(max_rows),
-        kv_offset(max_rows),
-        m(max_rows),
-        l(max_rows),
-        acc(max_rows * head_dim) {}
+  void Reserve(int64_t max_rows, int64_t head_dim) {
+    const auto grow = [](auto& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    };
+    grow(k_rows, kKvChunk);
+    grow(v_rows, kKvChunk);
+    grow(scores, max_rows * kKvChunk);
+    grow(first, max_rows);
+    grow(last, max_rows);
+    grow(q, max_rows);
+    grow(pos, max_rows);
+    grow(kv_offset, max_rows);
+    grow(m, max_rows);
+    grow(l, max_rows);
+    grow(acc, max_rows * head_dim);
+  }
   std::vector<const float*> k_rows, v_rows;  // [kKvChunk] the chunk's positions
   std::vector<float> scores;                 // [rows, kKvChunk] scores, then probabilities
   std::vector<int64_t> first, last;          // [rows] the chunk's positions row r sees
@@ -483,11 +488,30 @@ void WriteNormalised(const float* acc, float l, int64_t dh, float* out) {
 
 // Runs body(item, scratch) for item in [0, n) on the pool, handing items out one at a time so a
 // worker that drew cheap items takes more (causal prefill tiles differ a lot in cost).
+// Below kMinParallelMacs multiply-adds the whole op takes about as long as waking a worker, so
+// it runs on the caller's thread (a small model's decode step would otherwise pay a pool
+// round-trip per layer).
+constexpr int64_t kMinParallelMacs = int64_t{1} << 17;
+
+// Upper bound on the score and value multiply-adds of a pass: every query against its whole
+// sequence (or window).
+int64_t EstimateMacs(const AttentionPlan& p) {
+  int64_t macs = 0;
+  for (int64_t b = 0; b < p.num_seqs; ++b) {
+    const int64_t visible = p.window > 0 ? std::min<int64_t>(p.window + p.q_len(b), p.seq_lens[b])
+                                         : int64_t{p.seq_lens[b]};
+    macs += p.q_len(b) * visible;
+  }
+  return macs * p.num_q_heads * p.head_dim * 2;
+}
+
 template <typename Body>
-void RunItems(int64_t n, int64_t max_rows, int64_t head_dim, const Body& body) {
+void RunItems(int64_t n, int64_t max_rows, int64_t head_dim, int64_t macs, const Body& body) {
   std::atomic<int64_t> next{0};
-  cpu::ParallelFor(std::min<int64_t>(n, cpu::PoolThreads()), 1, [&](int64_t, int64_t) {
-    Scratch scratch(max_rows, head_dim);
+  const int64_t workers = macs < kMinParallelMacs ? 1 : std::min<int64_t>(n, cpu::PoolThreads());
+  cpu::ParallelFor(workers, 1, [&](int64_t, int64_t) {
+    thread_local Scratch scratch;
+    scratch.Reserve(max_rows, head_dim);
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed)) {
       body(i, scratch);
@@ -717,7 +741,7 @@ absl::Status PagedAttentionPrefill(const PagedAttentionArgs& args, Stream* strea
                           PlanAttention("PagedAttentionPrefill", args, stream, /*decode=*/false));
   const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / p.group);
   const std::vector<PrefillTile> tiles = MakePrefillTiles(p, tile_tokens);
-  RunItems(static_cast<int64_t>(tiles.size()), tile_tokens * p.group, p.head_dim,
+  RunItems(static_cast<int64_t>(tiles.size()), tile_tokens * p.group, p.head_dim, EstimateMacs(p),
            [&](int64_t i, Scratch& s) { RunPrefillTile(p, tiles[i], s); });
   return absl::OkStatus();
 }
@@ -734,7 +758,7 @@ absl::Status PagedAttentionDecode(const PagedAttentionArgs& args, Stream* stream
   // Partitions of one sequence run in parallel, which is what keeps a small batch with a long
   // context busy on every core.
   const std::vector<DecodeItem> items = MakeDecodeItems(p, split);
-  RunItems(static_cast<int64_t>(items.size()), p.num_q_heads, p.head_dim,
+  RunItems(static_cast<int64_t>(items.size()), p.num_q_heads, p.head_dim, EstimateMacs(p),
            [&](int64_t i, Scratch& s) { RunDecodeItem(p, split, st, items[i], s); });
   if (split.num_states == 0) return absl::OkStatus();
 
