@@ -22,7 +22,7 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCLEAVE_SANITIZE=ON 
 cmake --build build-asan --parallel "$JOBS"
 stage "tests (ASan+UBSan)"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build-asan --output-on-failure -j "$JOBS" -L unit
+  ctest --test-dir build-asan --output-on-failure -j "$JOBS" -L "unit|integration"
 
 stage "fuzz targets (clang, libFuzzer smoke)"
 CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
