@@ -28,6 +28,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "attention_plan.h"
 #include "check.h"
 #include "cleave/common/status.h"
 #include "parallel.h"
@@ -35,6 +36,14 @@
 
 namespace cleave::kernels {
 namespace {
+
+using cpu::AttentionPlan;
+using cpu::CheckCaches;
+using cpu::CheckIndex;
+using cpu::CheckNonNegative;
+using cpu::OpError;
+using cpu::PlanAttention;
+constexpr int64_t kAny = cpu::kAnyDim;
 
 // KV positions per step of the inner loop. One chunk of one head is 2 * 32 * Dh floats (32 KiB at
 // Dh = 128), small enough to stay in L1/L2 while every query of a work item visits it.
@@ -47,199 +56,6 @@ constexpr int64_t kTileRows = 64;
 constexpr int64_t kDecodePartition = 256;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------------
-// Validation. Messages follow check.h: "<op>: <argument> <DebugString()> <problem>".
-
-constexpr int64_t kAny = cpu::kAnyDim;
-
-absl::Status OpError(const char* op, const std::string& problem) {
-  return absl::InvalidArgumentError(absl::StrCat(op, ": ", problem));
-}
-
-// A negative extent would turn the O(B) index checks below into out-of-bounds reads.
-absl::Status CheckNonNegative(const char* op, const char* name, const Tensor& t) {
-  for (int i = 0; i < t.ndim(); ++i) {
-    if (t.dim(i) < 0) return cpu::ArgError(op, name, t, "has a negative extent");
-  }
-  return absl::OkStatus();
-}
-
-// k_cache / v_cache: f32 [num_blocks, block_size, Hk, Dh], contiguous, same shape, and every
-// extent but num_blocks positive (they are divisors below).
-absl::Status CheckCaches(const char* op, const Tensor& k_cache, const Tensor& v_cache) {
-  CLEAVE_RETURN_IF_ERROR(
-      cpu::CheckTensor(op, "k_cache", k_cache, DType::kF32, {kAny, kAny, kAny, kAny}));
-  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, "k_cache", k_cache));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckContiguous(op, "k_cache", k_cache));
-  if (k_cache.dim(1) == 0 || k_cache.dim(2) == 0 || k_cache.dim(3) == 0) {
-    return cpu::ArgError(op, "k_cache", k_cache, "needs block_size, num_kv_heads and head_dim > 0");
-  }
-  CLEAVE_RETURN_IF_ERROR(
-      cpu::CheckTensor(op, "v_cache", v_cache, DType::kF32,
-                       {k_cache.dim(0), k_cache.dim(1), k_cache.dim(2), k_cache.dim(3)}));
-  return cpu::CheckContiguous(op, "v_cache", v_cache);
-}
-
-// The small i32 index tensors are read as plain arrays.
-absl::Status CheckIndex(const char* op, const char* name, const Tensor& t,
-                        std::initializer_list<int64_t> shape) {
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, name, t, DType::kI32, shape));
-  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, name, t));
-  return cpu::CheckContiguous(op, name, t);
-}
-
-// Everything the attention kernels need, as raw pointers and strides (in floats), once validated.
-struct AttentionPlan {
-  int64_t num_tokens = 0;    // T
-  int64_t num_seqs = 0;      // B
-  int64_t num_q_heads = 0;   // Hq
-  int64_t num_kv_heads = 0;  // Hk
-  int64_t group = 0;         // Hq / Hk
-  int64_t head_dim = 0;      // Dh
-  int64_t block_size = 0;
-  int64_t max_blocks_per_seq = 0;
-  int64_t window = 0;  // 0: unbounded
-  float scale = 1.0f;
-  const float* q = nullptr;
-  int64_t q_token_stride = 0, q_head_stride = 0;
-  float* out = nullptr;
-  int64_t out_token_stride = 0, out_head_stride = 0;
-  const float* k_cache = nullptr;
-  const float* v_cache = nullptr;
-  const int32_t* query_start_loc = nullptr;  // [B + 1]
-  const int32_t* seq_lens = nullptr;         // [B]
-  const int32_t* block_tables = nullptr;     // [B, max_blocks_per_seq]
-
-  // In 64 bits: before validation the difference of two i32 entries may not fit in 32.
-  int64_t q_len(int64_t b) const {
-    return int64_t{query_start_loc[b + 1]} - int64_t{query_start_loc[b]};
-  }
-  // First KV position that the earliest query of `first_pos` can see.
-  int64_t first_visible(int64_t first_pos) const {
-    return window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
-  }
-};
-
-// Dtypes, shapes, strides and scalars; nothing behind a pointer is read yet. q and out may be
-// column slices of wider rows (Tensor::Narrow of a fused projection): only their head dim must be
-// packed.
-absl::Status CheckShapes(const char* op, const PagedAttentionArgs& a) {
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "q", a.q, DType::kF32, {kAny, kAny, kAny}));
-  CLEAVE_RETURN_IF_ERROR(CheckNonNegative(op, "q", a.q));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "q", a.q));
-  CLEAVE_RETURN_IF_ERROR(CheckCaches(op, a.k_cache, a.v_cache));
-  const int64_t t = a.q.dim(0), hq = a.q.dim(1), dh = a.q.dim(2);
-  const int64_t hk = a.k_cache.dim(2);
-  if (hq == 0 || hq % hk != 0) {
-    return OpError(op, absl::StrCat("num_q_heads ", hq, " (q ", a.q.DebugString(),
-                                    ") must be a positive multiple of num_kv_heads ", hk,
-                                    " (k_cache ", a.k_cache.DebugString(), ")"));
-  }
-  if (dh != a.k_cache.dim(3)) {
-    return OpError(op, absl::StrCat("head_dim of q ", a.q.DebugString(), " differs from k_cache ",
-                                    a.k_cache.DebugString()));
-  }
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "out", a.out, DType::kF32, {t, hq, dh}));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "out", a.out));
-  // B comes from seq_lens; the other two index tensors must agree with it.
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "seq_lens", a.seq_lens, {kAny}));
-  const int64_t b = a.seq_lens.dim(0);
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "query_start_loc", a.query_start_loc, {kAny}));
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "block_tables", a.block_tables, {kAny, kAny}));
-  if (a.query_start_loc.dim(0) != b + 1 || a.block_tables.dim(0) != b) {
-    return OpError(
-        op, absl::StrCat("batch sizes disagree: seq_lens ", a.seq_lens.DebugString(),
-                         " gives B = ", b, ", so query_start_loc ", a.query_start_loc.DebugString(),
-                         " must be [B + 1] and block_tables ", a.block_tables.DebugString(),
-                         " must be [B, max_blocks_per_seq]"));
-  }
-  if (a.sliding_window < 0) {
-    return OpError(op, absl::StrCat("sliding_window must be >= 0, got ", a.sliding_window));
-  }
-  if (!std::isfinite(a.scale)) {
-    return OpError(op, absl::StrCat("scale must be finite, got ", a.scale));
-  }
-  return absl::OkStatus();
-}
-
-// O(B + blocks read): query_start_loc partitions [0, T) in order, each sequence's new tokens fit
-// in its KV length, the KV length fits in its block-table row, and every block id the kernels
-// will follow names a real block. Padding entries (-1) past a sequence's blocks, and blocks wholly
-// before the sliding window, are never read and so never checked.
-absl::Status CheckBatchIndex(const char* op, const AttentionPlan& p, int64_t num_blocks,
-                             bool decode) {
-  const int32_t* qsl = p.query_start_loc;
-  if (qsl[0] != 0 || qsl[p.num_seqs] != p.num_tokens) {
-    return OpError(op, absl::StrCat("query_start_loc must run from 0 to T = ", p.num_tokens,
-                                    ", got ", qsl[0], " .. ", qsl[p.num_seqs]));
-  }
-  for (int64_t b = 0; b < p.num_seqs; ++b) {
-    const int64_t q_len = p.q_len(b), seq_len = p.seq_lens[b];
-    if (q_len < 0) {
-      return OpError(op, absl::StrCat("query_start_loc decreases at sequence ", b, ": ", qsl[b],
-                                      " -> ", qsl[b + 1]));
-    }
-    if (decode && q_len != 1) {
-      return OpError(op, absl::StrCat("decode needs exactly one new token per sequence; sequence ",
-                                      b, " has ", q_len));
-    }
-    if (q_len > seq_len) {
-      return OpError(
-          op, absl::StrCat("sequence ", b, " has ", q_len, " new tokens but seq_len ", seq_len));
-    }
-    const int64_t blocks_needed = (seq_len + p.block_size - 1) / p.block_size;
-    if (blocks_needed > p.max_blocks_per_seq) {
-      return OpError(op, absl::StrCat("sequence ", b, " has seq_len ", seq_len, " = ",
-                                      blocks_needed, " blocks of ", p.block_size,
-                                      " but block_tables rows hold ", p.max_blocks_per_seq));
-    }
-    if (q_len == 0) continue;
-    const int32_t* row = p.block_tables + b * p.max_blocks_per_seq;
-    for (int64_t i = p.first_visible(seq_len - q_len) / p.block_size; i < blocks_needed; ++i) {
-      if (row[i] < 0 || row[i] >= num_blocks) {
-        return OpError(op, absl::StrCat("block_tables[", b, "][", i, "] = ", row[i],
-                                        " is outside the cache's ", num_blocks, " blocks"));
-      }
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<AttentionPlan> PlanAttention(const char* op, const PagedAttentionArgs& a,
-                                            Stream* stream, bool decode) {
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(op, stream));
-  CLEAVE_RETURN_IF_ERROR(CheckShapes(op, a));
-  AttentionPlan p;
-  p.num_tokens = a.q.dim(0);
-  p.num_seqs = a.seq_lens.dim(0);
-  p.num_q_heads = a.q.dim(1);
-  p.num_kv_heads = a.k_cache.dim(2);
-  p.group = p.num_q_heads / p.num_kv_heads;
-  p.head_dim = a.q.dim(2);
-  p.block_size = a.k_cache.dim(1);
-  p.max_blocks_per_seq = a.block_tables.dim(1);
-  p.window = a.sliding_window;
-  p.scale = a.scale;
-  p.q = a.q.data_as<const float>();
-  p.q_token_stride = a.q.stride(0);
-  p.q_head_stride = a.q.stride(1);
-  p.out = a.out.data_as<float>();
-  p.out_token_stride = a.out.stride(0);
-  p.out_head_stride = a.out.stride(1);
-  p.k_cache = a.k_cache.data_as<const float>();
-  p.v_cache = a.v_cache.data_as<const float>();
-  p.query_start_loc = a.query_start_loc.data_as<const int32_t>();
-  p.seq_lens = a.seq_lens.data_as<const int32_t>();
-  p.block_tables = a.block_tables.data_as<const int32_t>();
-  if (decode && p.num_tokens != p.num_seqs) {
-    return OpError(
-        op, absl::StrCat("decode needs one query per sequence: q ", a.q.DebugString(), " has ",
-                         p.num_tokens, " tokens for ", p.num_seqs, " sequences"));
-  }
-  CLEAVE_RETURN_IF_ERROR(CheckBatchIndex(op, p, a.k_cache.dim(0), decode));
-  return p;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers. The dot products use GCC/Clang vector types: a plain `s += a[i] * b[i]` loop is
