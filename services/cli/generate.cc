@@ -56,6 +56,8 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   if (req.prompt_ids.empty()) return absl::InvalidArgumentError("the tokenizer has no BOS and the prompt is empty");
   req.max_tokens = a.max_tokens;
   req.ignore_eos = a.ignore_eos;
+  // The tokenizer's EOS can differ from config.json's (chat models end turns with their own).
+  if (!a.ignore_eos && tok.eos_id() >= 0) req.stop_token_ids.push_back(tok.eos_id());
   req.sampling.temperature = a.temperature;
   req.sampling.top_p = a.top_p;
   req.sampling.top_k = a.top_k;
