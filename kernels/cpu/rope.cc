@@ -52,16 +52,21 @@ absl::Status CheckConfig(const RopeConfig& c) {
 // transformers' _compute_llama3_parameters, one frequency at a time: long wavelengths (beyond
 // the original context) are slowed by `factor`, short ones kept, and the band between is a
 // linear blend in 1/wavelength.
-double Llama3Scale(const RopeConfig& c, double inv_freq) {
+// transformers' _compute_llama3_parameters, one element at a time, in its f32 tensor arithmetic
+// (Python scalars act as f32 operands; the same operation order, no fused multiply-adds: this
+// file is built with -ffp-contract=off).
+float Llama3Scale(const RopeConfig& c, float inv_freq) {
   const double old_context = static_cast<double>(c.original_max_position);
-  const double low_freq_wavelen = old_context / c.low_freq_factor;
-  const double high_freq_wavelen = old_context / c.high_freq_factor;
-  const double wavelen = 2.0 * std::numbers::pi / inv_freq;
-  if (wavelen < high_freq_wavelen) return inv_freq;
-  if (wavelen > low_freq_wavelen) return inv_freq / c.factor;
-  const double smooth =
-      (old_context / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor);
-  return (1.0 - smooth) * inv_freq / c.factor + smooth * inv_freq;
+  const float low_freq_wavelen = static_cast<float>(old_context / c.low_freq_factor);
+  const float high_freq_wavelen = static_cast<float>(old_context / c.high_freq_factor);
+  const float factor = static_cast<float>(c.factor);
+  const float wavelen = static_cast<float>(2.0 * std::numbers::pi) / inv_freq;
+  const float llama = wavelen > low_freq_wavelen ? inv_freq / factor : inv_freq;
+  const float smooth = (static_cast<float>(old_context) / wavelen - static_cast<float>(c.low_freq_factor)) /
+                       static_cast<float>(c.high_freq_factor - c.low_freq_factor);
+  const float smoothed = (1.0f - smooth) * llama / factor + smooth * llama;
+  const bool is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+  return is_medium ? smoothed : llama;
 }
 
 // Rotates the pairs (x[i], x[i + half]) of one head by the angles whose cos/sin are given.
@@ -100,11 +105,13 @@ absl::StatusOr<std::vector<float>> RopeInvFreq(const RopeConfig& config) {
   const int half = config.rotary_dim / 2;
   std::vector<float> inv_freq(static_cast<size_t>(half));
   for (int i = 0; i < half; ++i) {
-    // 1 / theta^(arange(0, dim, 2) / dim)
-    double f = 1.0 / std::pow(config.theta, static_cast<double>(2 * i) / config.rotary_dim);
-    if (config.scaling == RopeScaling::kLinear) f /= config.factor;
+    // 1 / theta^(arange(0, dim, 2) / dim), in f32 as transformers computes it: rounding it any
+    // other way moves a frequency by a few ulp, i.e. the phase by ~1e-2 rad at position 10^5.
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(config.rotary_dim);
+    float f = 1.0f / std::pow(static_cast<float>(config.theta), exponent);
+    if (config.scaling == RopeScaling::kLinear) f /= static_cast<float>(config.factor);
     if (config.scaling == RopeScaling::kLlama3) f = Llama3Scale(config, f);
-    inv_freq[static_cast<size_t>(i)] = static_cast<float>(f);
+    inv_freq[static_cast<size_t>(i)] = f;
   }
   return inv_freq;
 }

@@ -33,8 +33,8 @@ struct RopeConfig {
   int original_max_position = 8192;
 };
 
-// inv_freq[i] for i in [0, rotary_dim/2), after scaling — exactly what transformers computes
-// (in double, rounded to f32 at the end).
+// inv_freq[i] for i in [0, rotary_dim/2), after scaling — bit for bit what transformers computes
+// (its f32 tensor arithmetic, tests/data/rope_inv_freq.json).
 [[nodiscard]] absl::StatusOr<std::vector<float>> RopeInvFreq(const RopeConfig& config);
 
 // Fills cos/sin tables, f32 [max_positions, rotary_dim/2], with cos/sin(pos * inv_freq[i]).
