@@ -70,7 +70,7 @@ absl::StatusOr<Tensor> LlamaModel::VectorF32(const std::string& name, int64_t n)
 absl::Status LlamaModel::BindWeights() {
   const ModelConfig& c = config_;
   const int64_t d = c.hidden_size, f = c.intermediate_size, q = c.q_size(), kv = c.kv_size();
-  owned_.reserve(4 * c.num_hidden_layers + 2);  // owned_ must not reallocate: tensors point into it
+  // Tensors point into owned_'s inner vectors; growing owned_ moves them, which keeps their buffers.
   CLEAVE_ASSIGN_OR_RETURN(embed_, weights_->Get("model.embed_tokens.weight", {c.vocab_size, d}));
   CLEAVE_ASSIGN_OR_RETURN(final_norm_, VectorF32("model.norm.weight", d));
   if (c.tie_word_embeddings) {
