@@ -88,7 +88,8 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n
 
 // out[j] = q . k[j] for four keys at once: each load of q feeds four FMAs instead of one.
 inline void Dot4(const float* __restrict q, const float* __restrict k0, const float* __restrict k1,
-                 const float* __restrict k2, const float* __restrict k3, int64_t n, float* out) {
+                 const float* __restrict k2, const float* __restrict k3, int64_t n, float scale,
+                 float* out) {
   F8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, x, y;
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -120,10 +121,10 @@ inline void Dot4(const float* __restrict q, const float* __restrict k0, const fl
     s2 += q[d] * k2[d];
     s3 += q[d] * k3[d];
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  out[0] = s0 * scale;
+  out[1] = s1 * scale;
+  out[2] = s2 * scale;
+  out[3] = s3 * scale;
 }
 
 // acc += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3: four rows per pass, so acc is loaded and stored
@@ -227,11 +228,10 @@ void ScoreChunk(const QueryRows& rows, const float* const* k, int64_t n, int64_t
       const float* q = rows.q[r];
       const int64_t off = rows.kv_offset[r];
       if (b - a == 4) {
-        Dot4(q, k[a] + off, k[a + 1] + off, k[a + 2] + off, k[a + 3] + off, dh, sr + a);
+        Dot4(q, k[a] + off, k[a + 1] + off, k[a + 2] + off, k[a + 3] + off, dh, scale, sr + a);
       } else {
-        for (int64_t x = a; x < b; ++x) sr[x] = Dot(q, k[x] + off, dh);
+        for (int64_t x = a; x < b; ++x) sr[x] = Dot(q, k[x] + off, dh) * scale;
       }
-      for (int64_t x = a; x < b; ++x) sr[x] *= scale;
     }
   }
 }
