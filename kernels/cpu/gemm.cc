@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -24,6 +25,9 @@ namespace {
 // weight row is widened once and reused from L1 for every activation row. Above it the panel
 // path's sgemm wins.
 constexpr int64_t kGemvMaxRows = 4;
+// f32 weights up to this many multiply-adds use the GEMV kernel instead of OpenBLAS (above it,
+// sgemv's own threading pays off).
+constexpr int64_t kSmallF32Macs = int64_t{1} << 20;
 
 // Rows of W per widened panel (multiple of 16, so sgemm's N blocking has no ragged edge inside a
 // panel). Every sgemm call re-packs all of x (m x k floats), so a panel of at least 2m rows keeps
@@ -48,11 +52,17 @@ struct LinearParams {
   int64_t m, n, k, ldx, ldy;
 };
 
+// Element type of a weight row: f32 weights are read as is, 16-bit ones widened in registers.
+template <DType W>
+using WElem = std::conditional_t<W == DType::kF32, float, uint16_t>;
+
 #if CLEAVE_CPU_AVX2
 
 template <DType W>
-inline __m256 LoadW8(const uint16_t* p) {
-  if constexpr (W == DType::kBF16) {
+inline __m256 LoadW8(const WElem<W>* p) {
+  if constexpr (W == DType::kF32) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (W == DType::kBF16) {
     return cpu::LoadBf16x8(p);
   } else {
     return cpu::LoadF16x8(p);
@@ -62,8 +72,10 @@ inline __m256 LoadW8(const uint16_t* p) {
 #endif
 
 template <DType W>
-inline float WidenOne(uint16_t v) {
-  if constexpr (W == DType::kBF16) {
+inline float WidenOne(WElem<W> v) {
+  if constexpr (W == DType::kF32) {
+    return v;
+  } else if constexpr (W == DType::kBF16) {
     return Bf16ToF32(v);
   } else {
     return F16ToF32(v);
@@ -73,7 +85,7 @@ inline float WidenOne(uint16_t v) {
 // out[i][r] = dot(x[i], w[r]) for MT activation rows and R weight rows. MT * R accumulators
 // plus R widened weight vectors and one x vector must fit the 16 ymm registers: MT <= 2, R <= 4.
 template <DType W, int MT, int R>
-inline void DotTile(const float* const* x, const uint16_t* const* w, int64_t k, float out[MT][R]) {
+inline void DotTile(const float* const* x, const WElem<W>* const* w, int64_t k, float out[MT][R]) {
   int64_t i = 0;
 #if CLEAVE_CPU_AVX2
   __m256 acc[MT][R];
@@ -104,9 +116,9 @@ inline void DotTile(const float* const* x, const uint16_t* const* w, int64_t k, 
 // Weight rows [r0, r0 + R) against activation rows [a0, a0 + MT).
 template <DType W, int MT, int R>
 void GemvBlock(const LinearParams& p, int64_t a0, int64_t r0) {
-  const uint16_t* w = static_cast<const uint16_t*>(p.w);
+  const WElem<W>* w = static_cast<const WElem<W>*>(p.w);
   const float* xs[MT];
-  const uint16_t* ws[R];
+  const WElem<W>* ws[R];
   for (int a = 0; a < MT; ++a) xs[a] = p.x + (a0 + a) * p.ldx;
   for (int r = 0; r < R; ++r) ws[r] = w + (r0 + r) * p.k;
   float out[MT][R];
@@ -125,9 +137,9 @@ void GemvRows(const LinearParams& p, int64_t r0) {
   if (a < p.m) GemvBlock<W, 1, R>(p, a, r0);
 }
 
-// Few activation rows against 16-bit weights, parallel over blocks of 4 weight rows.
+// Few activation rows, parallel over blocks of 4 weight rows.
 template <DType W>
-void Gemv16(const LinearParams& p) {
+void Gemv(const LinearParams& p) {
   constexpr int64_t kRowBlock = 4;
   const int64_t blocks = (p.n + kRowBlock - 1) / kRowBlock;
   // ~64K multiply-adds per chunk keeps the pool's hand-off cost (a few microseconds) small.
@@ -254,12 +266,18 @@ absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
     return absl::OkStatus();
   }
   if (p.w_dtype == DType::kF32) {
-    LinearF32(p);
+    // Small f32 products take our GEMV: OpenBLAS threads sgemv from ~9K multiply-adds on, and
+    // waking its workers costs more than a small model's whole projection.
+    if (p.m <= kGemvMaxRows && p.m * p.n * p.k <= kSmallF32Macs) {
+      Gemv<DType::kF32>(p);
+    } else {
+      LinearF32(p);
+    }
   } else if (p.m <= kGemvMaxRows) {
     if (p.w_dtype == DType::kBF16) {
-      Gemv16<DType::kBF16>(p);
+      Gemv<DType::kBF16>(p);
     } else {
-      Gemv16<DType::kF16>(p);
+      Gemv<DType::kF16>(p);
     }
   } else {
     LinearWidened(p);
