@@ -1,0 +1,105 @@
+// The scheduler's logic, free of threads and sockets: events in (worker registrations, step
+// results, KV notices, submissions, cancellations, time), messages out (batch deltas to workers,
+// token events to frontends). The gRPC service (service.h) holds one mutex around a SchedulerCore
+// and ships its outbox; unit tests and the micro-benchmark drive it directly.
+//
+// A request's life (P/D):   WAITING -> PREFILLING (prefill worker P, decode blocks reserved on D)
+//                           -> TRANSFERRING (first token out; waiting for D's KvReady)
+//                           -> DECODING (in D's running batch) -> finished / cancelled / failed
+//          (colocated):     WAITING -> RUNNING (one worker, both phases) -> ...
+// Preemption by recompute returns a request to WAITING with its generated tokens appended to the
+// prompt it will recompute; the next placement uses attempt + 1 so late results of the old
+// attempt are recognised and dropped.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cleave/v1/control.pb.h"
+
+namespace cleave::scheduler {
+
+using WorkerId = uint64_t;
+using FrontendId = uint64_t;
+using Clock = int64_t;  // milliseconds on a monotonic clock, supplied by the caller
+
+enum class Policy { kFcfs, kPriority };
+
+struct SchedulerConfig {
+  Policy policy = Policy::kFcfs;
+  // Admission control, decided before any KV is allocated: RESOURCE_EXHAUSTED with retry_after_s.
+  int max_waiting = 1024;                 // requests waiting for placement
+  int64_t max_waiting_tokens = 1 << 20;   // prompt tokens waiting for placement
+  int retry_after_s = 1;
+  int lease_ms = 3000;
+  int heartbeat_ms = 500;
+  bool enable_prefix_cache = true;
+  // A decoding request is kept this many free slots ahead of its length, so the worker rarely
+  // waits for an AppendBlocks delta.
+  int decode_lookahead_tokens = 16;
+  // Requests whose tokens were already streamed when their worker was lost fail with
+  // UNAVAILABLE; those with nothing streamed yet are re-run elsewhere.
+};
+
+struct Outbox {
+  std::vector<std::pair<WorkerId, v1::SchedulerMessage>> to_workers;
+  std::vector<std::pair<FrontendId, v1::RequestEvent>> to_frontends;
+  bool empty() const { return to_workers.empty() && to_frontends.empty(); }
+};
+
+class SchedulerCore {
+ public:
+  explicit SchedulerCore(SchedulerConfig config);
+  ~SchedulerCore();
+
+  const SchedulerConfig& config() const;
+
+  // --- workers -------------------------------------------------------------------------------
+  // InvalidArgument for an unusable registration (no blocks, block_size <= 0, unknown role,
+  // prefill/decode without kv_address where needed, a model or geometry different from the
+  // workers already registered).
+  absl::StatusOr<WorkerId> AddWorker(const v1::RegisterWorkerRequest& request, Clock now);
+  // Lease renewal; false when the worker is unknown (lapsed or never registered).
+  bool Heartbeat(WorkerId worker, Clock now);
+  // A worker is gone (stream broke, lease lapsed, it deregistered): its blocks are forgotten;
+  // its requests with no tokens streamed yet go back to WAITING (front of the queue), the others
+  // fail with UNAVAILABLE naming the worker. Requests it was prefilling for a live decode worker
+  // are re-run; transfers it was receiving are told to their prefill worker via RemoveRequest.
+  void RemoveWorker(WorkerId worker, const std::string& why);
+  // Removes every worker whose lease lapsed at `now`; returns them.
+  std::vector<WorkerId> ExpireLeases(Clock now);
+  // Step results, KV notices. Messages about unknown or stale (request, attempt) are ignored.
+  void OnWorkerMessage(WorkerId worker, const v1::WorkerMessage& message, Clock now);
+
+  // --- frontends ------------------------------------------------------------------------------
+  // Admits (event with accepted = true) or rejects (event with error_code RESOURCE_EXHAUSTED and
+  // retry_after_s, or INVALID_ARGUMENT for a request no worker could ever run, e.g. longer than
+  // max_model_len) at once. No KV is allocated here; placement happens in Schedule().
+  void Submit(FrontendId frontend, const v1::SubmitRequest& request, Clock now);
+  // Ends the request wherever it is, frees its blocks at once (RemoveRequest to its workers).
+  // `finished` = the frontend ended it (stop string): no further event is sent for it.
+  void Cancel(FrontendId frontend, const v1::CancelRequest& cancel);
+  // The frontend's stream closed: all its requests are cancelled.
+  void RemoveFrontend(FrontendId frontend);
+
+  // Places waiting requests (policy order) on workers while blocks and budgets allow, allocating
+  // their blocks (prefix cache first), preempting lower-priority requests when the policy allows.
+  void Schedule(Clock now);
+
+  // Everything to send since the last call, in order.
+  Outbox TakeOutbox();
+
+  v1::StatsResponse Stats() const;
+  // True when at least one prefill and one decode worker, or one colocated worker, is registered.
+  bool HasServingCapacity() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cleave::scheduler

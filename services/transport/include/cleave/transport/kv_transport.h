@@ -1,0 +1,116 @@
+// Moving KV blocks (and later SSM state and activations) between workers.
+//
+// One interface, several backends chosen by the peer address:
+//   "HOST:PORT"        TCP over host memory (framed; every length and block id is checked on the
+//                      receiving side against what the scheduler agreed — see KvReceiver::Expect)
+//   "inproc://NAME"    a memcpy into a receiver in the same process (tests, single-process modes)
+// The NCCL backend (CUDA issue) plugs in as another scheme behind the same two classes.
+//
+// A transfer is keyed by (request_id, attempt). The prefill side sends, per layer, the K and V
+// data of a set of destination blocks; then Finish. The decode side writes each frame straight
+// into its KV cache (through KvBlockStore) and reports the transfer complete once every expected
+// block of every layer has arrived followed by the finish frame.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace cleave::transport {
+
+// Shape of the KV both sides must agree on. Per layer, one block of K (and one of V) is
+// block_bytes() contiguous bytes: f32 [block_size, num_kv_heads, head_dim].
+struct KvGeometry {
+  int num_layers = 0;
+  int block_size = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int num_blocks = 0;  // receiver's pool size: every block id must be < num_blocks
+  size_t block_bytes() const {
+    return static_cast<size_t>(block_size) * num_kv_heads * head_dim * sizeof(float);
+  }
+  bool operator==(const KvGeometry&) const = default;
+};
+
+// The receiver's view of its KV cache memory. Returned pointers stay valid for the store's life.
+class KvBlockStore {
+ public:
+  virtual ~KvBlockStore() = default;
+  virtual const KvGeometry& geometry() const = 0;
+  // Start of block `block` of layer `layer`'s K (is_value false) or V pool; block_bytes() long.
+  virtual std::byte* BlockData(int layer, bool is_value, int block) = 0;
+};
+
+// One layer of one request, as the sender hands it over: for each destination block i, the bytes
+// at k_src[i] and v_src[i] (block_bytes() each) go to block dst_blocks[i] of layer `layer`.
+struct KvLayerSend {
+  uint64_t request_id = 0;
+  uint32_t attempt = 0;
+  int layer = 0;
+  std::span<const int32_t> dst_blocks;
+  std::span<const std::byte* const> k_src;
+  std::span<const std::byte* const> v_src;
+};
+
+using DoneCallback = std::function<void(absl::Status)>;
+
+// Sends to any number of peers; thread-safe. Data is copied (or written) before SendLayer
+// returns, so the caller may overwrite its source blocks at once. Memory held for a peer is
+// bounded: SendLayer blocks while the peer's queue is full, and fails after the send timeout.
+class KvSender {
+ public:
+  virtual ~KvSender() = default;
+  [[nodiscard]] virtual absl::Status SendLayer(const std::string& peer, const KvLayerSend& layer) = 0;
+  // Ends the transfer; `done` runs (on a transport thread) once every frame of the request has
+  // been written to the peer, or with the error that stopped it (peer unreachable, timeout).
+  virtual void Finish(const std::string& peer, uint64_t request_id, uint32_t attempt,
+                      DoneCallback done) = 0;
+};
+
+struct ReceiverCallbacks {
+  // Every expected block of every layer arrived, then the finish frame.
+  std::function<void(uint64_t request_id, uint32_t attempt)> on_ready;
+  // A frame for this transfer broke the agreement (unknown block, wrong layer, short data, or
+  // the sender's connection dropped mid-transfer). The transfer is forgotten.
+  std::function<void(uint64_t request_id, uint32_t attempt, const std::string& why)> on_failed;
+};
+
+// Accepts transfers into a KvBlockStore. Thread-safe.
+class KvReceiver {
+ public:
+  virtual ~KvReceiver() = default;
+  // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME").
+  virtual std::string address() const = 0;
+  // Agreement from the scheduler: frames of (request_id, attempt) may write exactly `blocks`
+  // (in every layer). Frames for transfers not expected are refused.
+  virtual void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) = 0;
+  // Drops an expectation (request cancelled or preempted); late frames for it are discarded.
+  virtual void Forget(uint64_t request_id, uint32_t attempt) = 0;
+};
+
+struct TransportOptions {
+  std::string listen_host = "127.0.0.1";
+  int listen_port = 0;                    // 0 = pick a free port (address() tells which)
+  size_t max_queued_bytes_per_peer = 64u << 20;
+  int connect_timeout_ms = 3000;
+  int io_timeout_ms = 10000;              // a stalled peer fails the transfer after this
+};
+
+// The sender for every address scheme above.
+std::unique_ptr<KvSender> CreateKvSender(const TransportOptions& options);
+
+// `listen`: "tcp" listens on options.listen_host:listen_port; "inproc://NAME" registers NAME in
+// this process. The store must outlive the receiver.
+absl::StatusOr<std::unique_ptr<KvReceiver>> CreateKvReceiver(const std::string& listen,
+                                                             const TransportOptions& options,
+                                                             KvBlockStore& store,
+                                                             ReceiverCallbacks callbacks);
+
+}  // namespace cleave::transport
