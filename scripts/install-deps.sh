@@ -10,6 +10,9 @@ DEB_PACKAGES=(
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev
   libopenblas-dev libsentencepiece-dev libpcre2-dev
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc   # control plane, gRPC API
+  libboost-dev libboost-system-dev libyaml-cpp-dev                         # Beast HTTP, configs
+  curl python3 python3-venv                                                # e2e / integration tests
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -23,6 +26,24 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# No Python packages yet: the test suite runs C++ binaries and bash. The golden-data tools
-# (run by hand, never in CI) list theirs in tools/requirements.txt.
+# The e2e suite's real clients (openai SDK, grpcio + tools for a stub from our protos, pytest)
+# go into a virtual environment, .venv (git-ignored; Debian's python refuses system-wide pip).
+# Skipped when already satisfied. The golden-data tools (run by hand, never in CI) list theirs in
+# tools/requirements.txt.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+REQS="$ROOT/tests/e2e/requirements.txt"
+[ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
+if ! "$ROOT/.venv/bin/python" - "$REQS" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if line:
+        name, want = line.split("==")
+        assert version(name) == want, name
+PY
+then
+  echo "install-deps: pip install -r tests/e2e/requirements.txt into .venv"
+  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$REQS"
+fi
 echo "install-deps: ok"

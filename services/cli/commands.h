@@ -9,6 +9,10 @@ namespace cleave::cli {
 
 void RegisterGenerate(CLI::App& app);
 void RegisterConvert(CLI::App& app);
+void RegisterScheduler(CLI::App& app);
+void RegisterWorker(CLI::App& app);
+void RegisterFrontend(CLI::App& app);
+void RegisterServe(CLI::App& app);
 
 // Exit code of the subcommand that ran (0 on success).
 int ExitCode();

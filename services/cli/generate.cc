@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
 #include "absl/strings/str_format.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/model/generator.h"
@@ -31,6 +32,7 @@ struct GenerateArgs {
   int threads = 0;
   bool ignore_eos = false;
   int prefill_chunk = 512;
+  bool json = false;  // one JSON line with token ids instead of streamed text
 };
 
 absl::Status RunGenerate(const GenerateArgs& a) {
@@ -74,8 +76,11 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   auto gen_or = model::Generator::Create(llm, gopts);
   if (!gen_or.ok()) return gen_or.status();
 
-  std::fputs(a.prompt.c_str(), stdout);
-  std::fflush(stdout);
+  if (!a.json) {
+    std::fputs(a.prompt.c_str(), stdout);
+    std::fflush(stdout);
+  }
+  std::string text;
   model::IncrementalDetokenizer detok(tok, req.prompt_ids, /*skip_special_tokens=*/true);
   absl::Status stream_status;
   auto on_token = [&](int32_t token) {
@@ -84,16 +89,30 @@ absl::Status RunGenerate(const GenerateArgs& a) {
       stream_status = piece.status();
       return false;
     }
-    std::fwrite(piece->data(), 1, piece->size(), stdout);
-    std::fflush(stdout);
+    if (a.json) {
+      text += *piece;
+    } else {
+      std::fwrite(piece->data(), 1, piece->size(), stdout);
+      std::fflush(stdout);
+    }
     return true;
   };
   auto result = (*gen_or)->Generate(req, on_token);
   if (!result.ok()) return result.status();
   if (!stream_status.ok()) return stream_status;
   const std::string tail = detok.Flush();
-  std::fwrite(tail.data(), 1, tail.size(), stdout);
-  std::fputs("\n", stdout);
+  const char* finish = result->finish_reason == model::FinishReason::kStop ? "stop" : "length";
+  if (a.json) {
+    // For tests comparing serving modes with offline generation token for token.
+    nlohmann::json out = {{"prompt_token_ids", req.prompt_ids},
+                          {"token_ids", result->tokens},
+                          {"text", text + tail},
+                          {"finish_reason", finish}};
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::fwrite(tail.data(), 1, tail.size(), stdout);
+    std::fputs("\n", stdout);
+  }
   std::fflush(stdout);
   std::fprintf(stderr,
                "%s\n",
@@ -103,7 +122,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
                                req.prompt_ids.size(), result->tokens.size(),
                                result->time_to_first_token_s * 1e3, result->decode_tokens_per_s,
                                result->total_s,
-                               result->finish_reason == model::FinishReason::kStop ? "stop" : "length",
+                               finish,
                                kernels::CpuThreads())
                    .c_str());
   return absl::OkStatus();
@@ -133,6 +152,7 @@ void RegisterGenerate(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)");
   cmd->add_option("--prefill-chunk", args->prefill_chunk, "prompt tokens per forward pass")
       ->check(CLI::PositiveNumber);
+  cmd->add_flag("--json", args->json, "print one JSON line (token ids, text, finish reason) instead of text");
   cmd->add_flag("--ignore-eos", args->ignore_eos, "keep generating past the end-of-sequence token");
   cmd->callback([args] {
     if (absl::Status s = RunGenerate(*args); !s.ok()) Fail(s);

@@ -10,6 +10,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   cleave::cli::RegisterGenerate(app);
   cleave::cli::RegisterConvert(app);
+  cleave::cli::RegisterServe(app);
+  cleave::cli::RegisterScheduler(app);
+  cleave::cli::RegisterWorker(app);
+  cleave::cli::RegisterFrontend(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,38 @@
+// The YAML deployment config (configs/*.yaml) shared by `cleave serve` and the single-role
+// commands: one file describes the scheduler, the worker groups and the frontend.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cleave/scheduler/service.h"
+#include "cleave/worker/worker_process.h"
+
+namespace cleave::cli {
+
+struct WorkerGroup {
+  worker::WorkerProcessOptions options;  // role, KV pool, budgets (scheduler/model filled in)
+  int replicas = 1;
+};
+
+struct FrontendConfig {
+  std::string http = "127.0.0.1:8000";  // HOST:PORT of the OpenAI-compatible HTTP API
+  std::string grpc = "127.0.0.1:50051"; // HOST:PORT of the cleave.v1.Generation gRPC API
+  int threads = 2;                      // HTTP I/O threads
+  size_t max_body_bytes = 8u << 20;
+};
+
+struct ServeConfig {
+  std::string model = "models/stories260K";
+  scheduler::SchedulerServerOptions scheduler;
+  std::vector<WorkerGroup> workers;
+  FrontendConfig frontend;
+};
+
+// Unknown keys are errors (a typo must not silently fall back to a default).
+absl::StatusOr<ServeConfig> LoadServeConfig(const std::string& path);
+// The built-in default: scheduler, one prefill and one decode worker, frontend on :8000.
+ServeConfig DefaultServeConfig();
+
+}  // namespace cleave::cli

@@ -1,0 +1,61 @@
+#include "frontend_main.h"
+
+#include "absl/strings/str_cat.h"
+#include "cleave/common/logging.h"
+#include "cleave/frontend/grpc_api.h"
+#include "cleave/frontend/http_server.h"
+#include "cleave/frontend/scheduler_client.h"
+
+namespace cleave::cli {
+namespace {
+
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("address '", address, "' is not HOST:PORT"));
+  }
+  const std::string port = address.substr(colon + 1);
+  char* end = nullptr;
+  const long p = std::strtol(port.c_str(), &end, 10);
+  if (port.empty() || *end != '\0' || p < 0 || p > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("bad port in '", address, "'"));
+  }
+  return std::make_pair(address.substr(0, colon), static_cast<int>(p));
+}
+
+}  // namespace
+
+absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
+  absl::StatusOr<std::unique_ptr<frontend::FrontendModel>> model = frontend::LoadFrontendModel(o.model_dir);
+  if (!model.ok()) return model.status();
+  absl::StatusOr<std::pair<std::string, int>> http = SplitHostPort(o.frontend.http);
+  if (!http.ok()) return http.status();
+
+  std::unique_ptr<frontend::SchedulerClient> engine = frontend::SchedulerClient::Create(o.scheduler);
+  frontend::FrontendContext ctx = (*model)->MakeContext(engine.get());
+
+  frontend::HttpServerOptions hopts;
+  hopts.host = http->first;
+  hopts.port = http->second;
+  hopts.threads = o.frontend.threads;
+  hopts.max_body_bytes = o.frontend.max_body_bytes;
+  absl::StatusOr<std::unique_ptr<frontend::HttpServer>> server = frontend::HttpServer::Start(hopts, ctx);
+  if (!server.ok()) return server.status();
+  std::unique_ptr<frontend::GrpcApiServer> grpc_api;
+  if (o.frontend.grpc != "off") {
+    absl::StatusOr<std::unique_ptr<frontend::GrpcApiServer>> g = frontend::GrpcApiServer::Start(o.frontend.grpc, ctx);
+    if (!g.ok()) return g.status();
+    grpc_api = std::move(*g);
+  }
+  CLEAVE_LOG(Info) << "frontend: model " << ctx.model.id << ", HTTP on " << http->first << ":" << (*server)->port()
+                   << (grpc_api ? absl::StrCat(", gRPC on port ", grpc_api->port()) : "") << ", scheduler "
+                   << o.scheduler;
+  shutdown.Wait();
+  CLEAVE_LOG(Info) << "frontend shutting down";
+  (*server)->Stop();
+  if (grpc_api) grpc_api->Stop();
+  engine->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace cleave::cli

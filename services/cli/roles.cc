@@ -1,0 +1,124 @@
+// The single-role commands a cluster runs, one per pod: `cleave scheduler`, `cleave worker`,
+// `cleave frontend`. Each reads its section of a --config file when given; flags override it.
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "cleave/common/shutdown.h"
+#include "commands.h"
+#include "config.h"
+#include "frontend_main.h"
+
+namespace cleave::cli {
+namespace {
+
+absl::StatusOr<ServeConfig> ConfigOrDefault(const std::string& path) {
+  if (path.empty()) return DefaultServeConfig();
+  return LoadServeConfig(path);
+}
+
+}  // namespace
+
+void RegisterScheduler(CLI::App& app) {
+  struct Args {
+    std::string config, listen, policy;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("scheduler", "Run the scheduler (control plane) until SIGINT/SIGTERM");
+  cmd->add_option("--config", args->config, "YAML config (its scheduler: section)");
+  cmd->add_option("--listen", args->listen, "HOST:PORT to serve the control plane on (default 127.0.0.1:50151)");
+  cmd->add_option("--policy", args->policy, "fcfs or priority");
+  cmd->callback([args] {
+    ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
+    absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
+    if (!c.ok()) return Fail(c.status());
+    if (!args->listen.empty()) c->scheduler.listen = args->listen;
+    if (!args->policy.empty()) {
+      if (args->policy != "fcfs" && args->policy != "priority") {
+        return Fail(absl::InvalidArgumentError("--policy must be fcfs or priority"));
+      }
+      c->scheduler.config.policy = args->policy == "fcfs" ? scheduler::Policy::kFcfs : scheduler::Policy::kPriority;
+    }
+    if (absl::Status s = scheduler::RunScheduler(c->scheduler, shutdown); !s.ok()) Fail(s);
+  });
+}
+
+void RegisterWorker(CLI::App& app) {
+  struct Args {
+    std::string config, role, scheduler, model, name, kv_host;
+    int kv_blocks = -1, kv_cache_mb = -1, block_size = -1, max_batch_tokens = -1, max_running = -1;
+    int threads = -1, kv_port = -1;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("worker", "Run one worker (prefill, decode or colocated)");
+  cmd->add_option("--role", args->role, "prefill, decode or colocated")->required();
+  cmd->add_option("--scheduler", args->scheduler, "scheduler HOST:PORT (default: the config's)");
+  cmd->add_option("--config", args->config, "YAML config (the first workers: group of this role)");
+  cmd->add_option("--model", args->model, "model directory");
+  cmd->add_option("--name", args->name, "name shown in scheduler stats and logs");
+  cmd->add_option("--kv-blocks", args->kv_blocks, "KV cache blocks (default: from --kv-cache-mb)");
+  cmd->add_option("--kv-cache-mb", args->kv_cache_mb, "KV cache size in MiB (default 256)");
+  cmd->add_option("--block-size", args->block_size, "tokens per KV block (default 16)");
+  cmd->add_option("--max-batch-tokens", args->max_batch_tokens, "tokens per iteration (default 512)");
+  cmd->add_option("--max-running", args->max_running, "running requests at most (default 256)");
+  cmd->add_option("--threads", args->threads, "kernel threads (default: all cores)");
+  cmd->add_option("--kv-host", args->kv_host, "address the KV receiver listens on (decode role)");
+  cmd->add_option("--kv-port", args->kv_port, "port of the KV receiver (default: any free port)");
+  cmd->callback([args] {
+    ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
+    absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
+    if (!c.ok()) return Fail(c.status());
+    absl::StatusOr<v1::WorkerRole> role = worker::ParseWorkerRole(args->role);
+    if (!role.ok()) return Fail(role.status());
+    worker::WorkerProcessOptions o;
+    o.role = *role;
+    for (const WorkerGroup& g : c->workers) {
+      if (g.options.role == *role) {
+        o = g.options;
+        break;
+      }
+    }
+    o.model_dir = args->model.empty() ? c->model : args->model;
+    o.scheduler = args->scheduler.empty() ? c->scheduler.listen : args->scheduler;
+    o.name = args->name;
+    if (args->kv_blocks >= 0) o.kv_blocks = args->kv_blocks;
+    if (args->kv_cache_mb >= 0) o.kv_cache_mb = args->kv_cache_mb;
+    if (args->block_size >= 0) o.block_size = args->block_size;
+    if (args->max_batch_tokens >= 0) o.max_batch_tokens = args->max_batch_tokens;
+    if (args->max_running >= 0) o.max_running = args->max_running;
+    if (args->threads >= 0) o.threads = args->threads;
+    if (!args->kv_host.empty()) o.kv_listen_host = args->kv_host;
+    if (args->kv_port >= 0) o.kv_port = args->kv_port;
+    if (absl::Status s = worker::RunWorker(o, shutdown); !s.ok()) Fail(s);
+  });
+}
+
+void RegisterFrontend(CLI::App& app) {
+  struct Args {
+    std::string config, scheduler, model, http, grpc;
+    int threads = -1;
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand("frontend", "Run the OpenAI-compatible HTTP + gRPC frontend");
+  cmd->add_option("--scheduler", args->scheduler, "scheduler HOST:PORT (default: the config's)");
+  cmd->add_option("--config", args->config, "YAML config (its frontend: section)");
+  cmd->add_option("--model", args->model, "model directory (tokenizer, chat template, limits)");
+  cmd->add_option("--http", args->http, "HOST:PORT of the HTTP API (default 127.0.0.1:8000)");
+  cmd->add_option("--grpc", args->grpc, "HOST:PORT of the gRPC API (default 127.0.0.1:50051; 'off' disables)");
+  cmd->add_option("--threads", args->threads, "HTTP I/O threads (default 2)");
+  cmd->callback([args] {
+    ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
+    absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
+    if (!c.ok()) return Fail(c.status());
+    FrontendRunOptions o;
+    o.frontend = c->frontend;
+    o.model_dir = args->model.empty() ? c->model : args->model;
+    o.scheduler = args->scheduler.empty() ? c->scheduler.listen : args->scheduler;
+    if (!args->http.empty()) o.frontend.http = args->http;
+    if (!args->grpc.empty()) o.frontend.grpc = args->grpc;
+    if (args->threads > 0) o.frontend.threads = args->threads;
+    if (absl::Status s = RunFrontend(o, shutdown); !s.ok()) Fail(s);
+  });
+}
+
+}  // namespace cleave::cli

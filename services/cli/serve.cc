@@ -1,0 +1,212 @@
+// `cleave serve`: every role of a config on this machine, each its own process (scheduler, the
+// worker groups, the frontend), supervised: prints the URL once the frontend is ready, stops
+// them all (SIGTERM, then SIGKILL after a grace period) on Ctrl-C / SIGTERM or when the
+// scheduler or frontend dies. A worker that dies is logged and left dead — the scheduler fails
+// over to the remaining workers, as it would in a cluster.
+#include <arpa/inet.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cleave/common/logging.h"
+#include "cleave/common/shutdown.h"
+#include "commands.h"
+#include "config.h"
+
+namespace cleave::cli {
+namespace {
+
+struct Child {
+  std::string name;
+  pid_t pid = -1;
+  bool critical = false;
+  bool exited = false;
+};
+
+std::string SelfExe() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  return n > 0 ? std::string(buf, n) : "cleave";
+}
+
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", strerror(errno)));
+  if (pid == 0) {
+    // The child must not inherit serve's blocked SIGINT/SIGTERM, and dies with serve.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// GET /ready on the frontend: true on a 200.
+bool FrontendReady(const std::string& host, int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, host == "0.0.0.0" ? "127.0.0.1" : host.c_str(), &addr.sin_addr);
+  timeval tv{1, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  bool ok = false;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string req = "GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
+      char buf[64] = {};
+      const ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+      ok = n > 12 && std::strncmp(buf + 9, "200", 3) == 0;
+    }
+  }
+  close(fd);
+  return ok;
+}
+
+void StopAll(std::vector<Child>& children) {
+  for (const Child& c : children) {
+    if (!c.exited) kill(c.pid, SIGTERM);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (Child& c : children) {
+    while (!c.exited) {
+      int status = 0;
+      const pid_t r = waitpid(c.pid, &status, WNOHANG);
+      if (r == c.pid || r < 0) {
+        c.exited = true;
+        break;
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        CLEAVE_LOG(Warning) << c.name << " did not stop in 10 s; killing it";
+        kill(c.pid, SIGKILL);
+        waitpid(c.pid, &status, 0);
+        c.exited = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+}
+
+absl::Status RunServe(const std::string& config_path) {
+  ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
+  absl::StatusOr<ServeConfig> config = config_path.empty() ? DefaultServeConfig() : LoadServeConfig(config_path);
+  if (!config.ok()) return config.status();
+  const std::string exe = SelfExe();
+  const std::string sched_addr = config->scheduler.listen;
+  std::vector<Child> children;
+  auto start = [&](std::string name, std::vector<std::string> argv, bool critical) -> absl::Status {
+    argv.insert(argv.begin(), exe);
+    absl::StatusOr<pid_t> pid = Spawn(argv);
+    if (!pid.ok()) return pid.status();
+    children.push_back({std::move(name), *pid, critical, false});
+    return absl::OkStatus();
+  };
+  std::vector<std::string> with_config;
+  if (!config_path.empty()) with_config = {"--config", config_path};
+
+  auto add = [](std::vector<std::string> a, const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  absl::Status s = start("scheduler", add({"scheduler", "--listen", sched_addr}, with_config), true);
+  int index = 0;
+  for (const WorkerGroup& g : config->workers) {
+    const std::string role = g.options.role == v1::WORKER_ROLE_PREFILL  ? "prefill"
+                             : g.options.role == v1::WORKER_ROLE_DECODE ? "decode"
+                                                                        : "colocated";
+    for (int r = 0; s.ok() && r < g.replicas; ++r, ++index) {
+      const std::string name = absl::StrCat(role, "-", r);
+      std::vector<std::string> argv = {"worker", "--role", role, "--scheduler", sched_addr, "--model",
+                                       config->model, "--name", name};
+      argv.insert(argv.end(), {"--kv-blocks", std::to_string(g.options.kv_blocks), "--kv-cache-mb",
+                               std::to_string(g.options.kv_cache_mb), "--block-size",
+                               std::to_string(g.options.block_size), "--max-batch-tokens",
+                               std::to_string(g.options.max_batch_tokens), "--max-running",
+                               std::to_string(g.options.max_running), "--threads",
+                               std::to_string(g.options.threads), "--kv-host", g.options.kv_listen_host});
+      s = start(name, argv, false);
+    }
+  }
+  if (s.ok()) {
+    s = start("frontend", add({"frontend", "--scheduler", sched_addr, "--model", config->model, "--http",
+                                config->frontend.http, "--grpc", config->frontend.grpc},
+                               with_config), true);
+  }
+  if (!s.ok()) {
+    StopAll(children);
+    return s;
+  }
+
+  std::vector<std::string> http = absl::StrSplit(config->frontend.http, ':');
+  const std::string host = http.size() == 2 ? http[0] : "127.0.0.1";
+  const int port = http.size() == 2 ? std::atoi(http[1].c_str()) : 8000;
+  bool announced = false;
+  const auto started = std::chrono::steady_clock::now();
+  int exit_status = 0;
+  while (!shutdown.WaitFor(std::chrono::milliseconds(100))) {
+    bool critical_died = false;
+    for (Child& c : children) {
+      int status = 0;
+      if (c.exited || waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+      c.exited = true;
+      const std::string how = WIFSIGNALED(status) ? absl::StrCat("killed by signal ", WTERMSIG(status))
+                                                  : absl::StrCat("exited with status ", WEXITSTATUS(status));
+      CLEAVE_LOG(Warning) << c.name << " (pid " << c.pid << ") " << how;
+      if (c.critical) critical_died = true;
+    }
+    if (critical_died) {
+      exit_status = 1;
+      break;
+    }
+    if (!announced && FrontendReady(host, port)) {
+      announced = true;
+      std::printf("cleave: serving %s at http://%s:%d/v1 (OpenAI API), gRPC on %s; Ctrl-C stops\n",
+                  config->model.c_str(), host.c_str(), port, config->frontend.grpc.c_str());
+      std::fflush(stdout);
+    }
+    if (!announced && std::chrono::steady_clock::now() - started > std::chrono::seconds(60)) {
+      CLEAVE_LOG(Warning) << "the frontend is not ready after 60 s; still waiting";
+      announced = true;
+    }
+  }
+  CLEAVE_LOG(Info) << "stopping " << children.size() << " processes";
+  StopAll(children);
+  if (exit_status != 0) return absl::InternalError("a critical process (scheduler or frontend) died");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void RegisterServe(CLI::App& app) {
+  auto config = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("serve", "Run scheduler, workers and frontend on this machine");
+  cmd->add_option("--config", *config, "YAML config (default: 1 prefill + 1 decode worker on loopback)");
+  cmd->callback([config] {
+    if (absl::Status s = RunServe(*config); !s.ok()) Fail(s);
+  });
+}
+
+}  // namespace cleave::cli

@@ -1,0 +1,31 @@
+// The public gRPC API (cleave.v1.Generation: Generate, Tokenize, Detokenize, ListModels) plus the
+// standard grpc.health.v1.Health service and server reflection. Requests go through the same
+// validator and generation pipeline as the HTTP API (generation_params.h, generation.h); the
+// callback API keeps a streaming request to a reactor, not a thread.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cleave/frontend/frontend_context.h"
+
+namespace cleave::frontend {
+
+class GrpcApiServer {
+ public:
+  // `address` HOST:PORT (port 0 = any). ctx must outlive the server.
+  static absl::StatusOr<std::unique_ptr<GrpcApiServer>> Start(const std::string& address,
+                                                              FrontendContext& ctx);
+  ~GrpcApiServer();
+  int port() const;
+  void Stop();
+
+  struct Impl;
+
+ private:
+  explicit GrpcApiServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cleave::frontend

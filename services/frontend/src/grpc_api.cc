@@ -1,0 +1,287 @@
+#include "cleave/frontend/grpc_api.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <deque>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "cleave/frontend/generation.h"
+#include "cleave/v1/generate.grpc.pb.h"
+
+namespace cleave::frontend {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+GenerationParams FromProto(const v1::GenerateRequest& r) {
+  GenerationParams p;
+  p.api = ApiKind::kGrpc;
+  p.model = r.model();
+  if (r.has_prompt_token_ids()) {
+    p.prompt_token_ids = std::vector<int32_t>(r.prompt_token_ids().ids().begin(), r.prompt_token_ids().ids().end());
+  } else {
+    p.prompt = r.prompt();
+  }
+  if (r.max_tokens() != 0) p.max_tokens = r.max_tokens();
+  const v1::SamplingOptions& s = r.sampling();
+  if (s.has_temperature()) p.temperature = s.temperature();
+  if (s.has_top_p()) p.top_p = s.top_p();
+  if (s.has_top_k()) p.top_k = s.top_k();
+  if (s.has_min_p()) p.min_p = s.min_p();
+  if (s.has_repetition_penalty()) p.repetition_penalty = s.repetition_penalty();
+  if (s.has_presence_penalty()) p.presence_penalty = s.presence_penalty();
+  if (s.has_frequency_penalty()) p.frequency_penalty = s.frequency_penalty();
+  if (s.has_seed()) p.seed = s.seed();
+  p.logprobs = s.logprobs();
+  p.top_logprobs = s.top_logprobs();
+  p.stop.assign(r.stop().begin(), r.stop().end());
+  p.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+  p.ignore_eos = r.ignore_eos();
+  p.priority = r.priority();
+  p.skip_special_tokens = r.has_skip_special_tokens() ? r.skip_special_tokens() : true;
+  p.stream = true;
+  return p;
+}
+
+// One Generate call: the pipeline's updates become messages, written one at a time (the
+// callback API allows a single outstanding write), and the client cancelling the call cancels
+// the engine request.
+class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(FrontendContext& ctx, const v1::GenerateRequest& request) {
+    GenerationParams params = FromProto(request);
+    absl::StatusOr<PreparedRequest> prepared = PrepareRequest(ctx, params);
+    if (!prepared.ok()) {
+      Finish(ToGrpc(prepared.status()));
+      return;
+    }
+    request_id_ = absl::StrCat("gen-", reinterpret_cast<uintptr_t>(this), "-", prepared->prompt_ids.size());
+    // Not under mu_: the pipeline may deliver a first update before Start returns.
+    auto stream = GenerationStream::Start(ctx, params, *prepared, 0,
+                                          [this](GenerationUpdate u) { OnUpdate(std::move(u)); });
+    bool cancelled;
+    {
+      std::lock_guard lock(mu_);
+      stream_ = stream;
+      cancelled = cancelled_;
+    }
+    if (cancelled) stream->Cancel();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::unique_lock lock(mu_);
+    writing_ = false;
+    if (!ok) {
+      // The client is gone: stop the engine work, then end the call.
+      auto stream = stream_;
+      lock.unlock();
+      if (stream) stream->Cancel();
+      lock.lock();
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "client went away"));
+      return;
+    }
+    queue_.pop_front();
+    PumpLocked();
+  }
+
+  void OnCancel() override {
+    std::shared_ptr<GenerationStream> stream;
+    {
+      std::lock_guard lock(mu_);
+      stream = stream_;
+    }
+    if (stream) stream->Cancel();
+    std::lock_guard lock(mu_);
+    if (!writing_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+    cancelled_ = true;
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void OnUpdate(GenerationUpdate u) {
+    std::lock_guard lock(mu_);
+    if (finished_ || cancelled_) return;
+    if (!u.status.ok()) {
+      end_status_ = ToGrpc(u.status);
+      if (u.retry_after_s > 0) {
+        // Mirrors HTTP's Retry-After for RESOURCE_EXHAUSTED.
+        ctx_retry_after_ = u.retry_after_s;
+      }
+      ended_ = true;
+      PumpLocked();
+      return;
+    }
+    v1::GenerateResponse r;
+    if (first_) r.set_request_id(request_id_);
+    first_ = false;
+    r.set_text(u.text);
+    for (const GeneratedToken& t : u.tokens) {
+      v1::GeneratedToken* g = r.add_tokens();
+      g->set_token_id(t.id);
+      g->set_text(t.token.empty() ? t.text : t.token);
+      g->set_logprob(t.logprob);
+      for (const TopLogprob& alt : t.top) {
+        v1::TokenLogprob* a = g->add_top_logprobs();
+        a->set_token_id(alt.id);
+        a->set_token(alt.text);
+        a->set_logprob(alt.logprob);
+      }
+    }
+    if (u.finish != FinishReason::kNone) {
+      r.set_finish_reason(u.finish == FinishReason::kStop ? v1::FINISH_REASON_STOP : v1::FINISH_REASON_LENGTH);
+      r.set_prompt_tokens(u.usage.prompt_tokens);
+      r.set_completion_tokens(u.usage.completion_tokens);
+      ended_ = true;
+    }
+    queue_.push_back(std::move(r));
+    PumpLocked();
+  }
+
+  void PumpLocked() {
+    if (finished_ || writing_) return;
+    if (!queue_.empty()) {
+      writing_ = true;
+      StartWrite(&queue_.front());
+      return;
+    }
+    if (cancelled_) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+    } else if (ended_) {
+      if (ctx_retry_after_ > 0 && !end_status_.ok()) {
+        end_status_ = grpc::Status(end_status_.error_code(),
+                                   absl::StrCat(end_status_.error_message(), " (retry after ",
+                                                ctx_retry_after_, " s)"));
+      }
+      FinishLocked(end_status_);
+    }
+  }
+
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  std::mutex mu_;
+  std::shared_ptr<GenerationStream> stream_;
+  std::deque<v1::GenerateResponse> queue_;
+  std::string request_id_;
+  bool first_ = true;
+  bool writing_ = false;
+  bool ended_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;
+  int ctx_retry_after_ = 0;
+  grpc::Status end_status_;
+};
+
+class GenerationService final : public v1::Generation::CallbackService {
+ public:
+  explicit GenerationService(FrontendContext& ctx) : ctx_(ctx) {}
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext*,
+                                                            const v1::GenerateRequest* request) override {
+    return new GenerateReactor(ctx_, *request);
+  }
+
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* reply) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (absl::Status s = CheckModel(request->model()); !s.ok()) {
+      reactor->Finish(ToGrpc(s));
+      return reactor;
+    }
+    absl::StatusOr<std::vector<int32_t>> ids = ctx_.tokenizer->Encode(request->text(), request->add_special_tokens());
+    if (!ids.ok()) {
+      reactor->Finish(ToGrpc(absl::InvalidArgumentError(ids.status().message())));
+      return reactor;
+    }
+    for (int32_t id : *ids) reply->add_tokens(id);
+    reply->set_count(static_cast<int32_t>(ids->size()));
+    reply->set_max_model_len(ctx_.model.max_model_len);
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const v1::DetokenizeRequest* request,
+                                       v1::DetokenizeResponse* reply) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (absl::Status s = CheckModel(request->model()); !s.ok()) {
+      reactor->Finish(ToGrpc(s));
+      return reactor;
+    }
+    std::vector<int32_t> ids(request->tokens().begin(), request->tokens().end());
+    absl::StatusOr<std::string> text = ctx_.tokenizer->Decode(ids, /*skip_special_tokens=*/false);
+    if (!text.ok()) {
+      reactor->Finish(ToGrpc(absl::InvalidArgumentError(text.status().message())));
+      return reactor;
+    }
+    reply->set_text(*text);
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context, const v1::ListModelsRequest*,
+                                       v1::ListModelsResponse* reply) override {
+    v1::ModelInfo* m = reply->add_models();
+    m->set_id(ctx_.model.id);
+    m->set_max_model_len(ctx_.model.max_model_len);
+    m->set_vocab_size(ctx_.model.vocab_size);
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+ private:
+  absl::Status CheckModel(const std::string& model) const {
+    if (model.empty() || model == ctx_.model.id) return absl::OkStatus();
+    return absl::NotFoundError(absl::StrCat("The model `", model, "` does not exist."));
+  }
+
+  FrontendContext& ctx_;
+};
+
+}  // namespace
+
+struct GrpcApiServer::Impl {
+  std::unique_ptr<GenerationService> service;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+
+GrpcApiServer::GrpcApiServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GrpcApiServer::~GrpcApiServer() { Stop(); }
+int GrpcApiServer::port() const { return impl_->port; }
+
+absl::StatusOr<std::unique_ptr<GrpcApiServer>> GrpcApiServer::Start(const std::string& address,
+                                                                    FrontendContext& ctx) {
+  auto impl = std::make_unique<Impl>();
+  impl->service = std::make_unique<GenerationService>(ctx);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl->service.get());
+  impl->server = builder.BuildAndStart();
+  if (!impl->server || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("gRPC API cannot listen on ", address));
+  }
+  impl->server->GetHealthCheckService()->SetServingStatus(v1::Generation::service_full_name(), true);
+  return std::unique_ptr<GrpcApiServer>(new GrpcApiServer(std::move(impl)));
+}
+
+void GrpcApiServer::Stop() {
+  if (!impl_ || !impl_->server) return;
+  impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  impl_->server->Wait();
+  impl_->server.reset();
+}
+
+}  // namespace cleave::frontend

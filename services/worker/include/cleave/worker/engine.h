@@ -1,0 +1,103 @@
+// A worker's engine loop: the running batch of one worker, stepped one iteration at a time.
+//
+// The scheduler decides membership (AddRequest / RemoveRequest / AppendBlocks deltas); the engine
+// applies the deltas that arrived at each iteration boundary, composes the iteration under its
+// token budget (every decoding request's next token first, then prefill chunks in arrival order),
+// runs the forward pass, samples, and reports one StepResults per iteration. It never waits for
+// the scheduler between iterations: a request whose block table cannot hold its next token
+// simply sits out until its AppendBlocks arrives.
+//
+// Roles: PREFILL computes prompts and ships each layer's KV to the request's decode worker as
+// soon as that layer is done (per chunk), samples the first token, then forgets the request once
+// the transfer is flushed; DECODE runs requests whose KV was transferred in; COLOCATED runs both
+// phases (mixed batches: decode tokens plus prefill chunks).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "cleave/model/kv_cache.h"
+#include "cleave/model/llama.h"
+#include "cleave/transport/kv_transport.h"
+#include "cleave/v1/control.pb.h"
+
+namespace cleave::worker {
+
+struct EngineOptions {
+  v1::WorkerRole role = v1::WORKER_ROLE_COLOCATED;
+  int max_batch_tokens = 512;  // tokens per iteration (decode tokens + prefill chunk tokens)
+  int max_running = 256;
+};
+
+// Adapter giving the KV transport direct access to the cache memory.
+class KvCacheStore : public transport::KvBlockStore {
+ public:
+  KvCacheStore(model::KvCache& cache, const model::ModelConfig& config);
+  const transport::KvGeometry& geometry() const override { return geometry_; }
+  std::byte* BlockData(int layer, bool is_value, int block) override;
+
+ private:
+  model::KvCache& cache_;
+  transport::KvGeometry geometry_;
+};
+
+class Engine {
+ public:
+  using Emit = std::function<void(v1::WorkerMessage)>;
+
+  // `sender` is required for the PREFILL role. `emit` is called from the engine thread (step
+  // results, KvSent) and must be thread-safe against the transport callbacks that also report.
+  Engine(const model::LlamaModel& model, model::KvCache& cache, EngineOptions options,
+         transport::KvSender* sender, Emit emit);
+  ~Engine();
+
+  // Thread-safe: queue a delta for the next iteration boundary.
+  void Post(v1::SchedulerMessage message);
+  // Runs iterations until Stop(); sleeps while there is nothing to do.
+  void Run();
+  void Stop();
+  // Drops every request (the scheduler connection was lost; its state is gone with it).
+  void Reset();
+
+  // One iteration (deltas applied first). Returns false when there was nothing to run.
+  // Exposed for tests that drive the engine synchronously.
+  bool Step();
+
+  int num_requests() const;
+
+ private:
+  struct Seq;
+  using Key = std::pair<uint64_t, uint32_t>;
+
+  void ApplyDeltas();
+  void Apply(const v1::SchedulerMessage& message);
+  absl::Status ShipLayer(int layer, const std::vector<Seq*>& seqs,
+                         const std::vector<std::pair<int, int>>& spans);
+
+  const model::LlamaModel& model_;
+  model::KvCache& cache_;
+  EngineOptions options_;
+  transport::KvSender* sender_;
+  Emit emit_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<v1::SchedulerMessage> inbox_;
+  bool stop_ = false;
+  bool reset_ = false;
+
+  // Engine-thread state.
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Seq>> seqs_;  // by request id
+  std::vector<uint64_t> order_;                                 // arrival order
+  std::atomic<int> num_requests_{0};
+  model::Workspace ws_;
+  std::vector<float> logits_;
+};
+
+}  // namespace cleave::worker

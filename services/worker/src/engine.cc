@@ -1,0 +1,365 @@
+#include "cleave/worker/engine.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "cleave/common/logging.h"
+#include "cleave/common/status.h"
+#include "cleave/kernels/sampling.h"
+
+namespace cleave::worker {
+namespace {
+
+kernels::SamplingParams ToParams(const v1::SamplingState& s) {
+  kernels::SamplingParams p;
+  p.temperature = s.temperature();
+  p.top_p = s.top_p() > 0 ? s.top_p() : 1.0f;
+  p.top_k = s.top_k();
+  p.min_p = s.min_p();
+  p.repetition_penalty = s.repetition_penalty() > 0 ? s.repetition_penalty() : 1.0f;
+  p.presence_penalty = s.presence_penalty();
+  p.frequency_penalty = s.frequency_penalty();
+  p.has_seed = true;
+  p.seed = s.seed();
+  p.logprobs = s.logprobs();
+  p.top_logprobs = s.top_logprobs();
+  return p;
+}
+
+}  // namespace
+
+// One request on this worker. tokens = everything known (prompt + generated); the KV of
+// tokens[0, num_computed) is in the blocks. A decoding request has exactly one token pending.
+struct Engine::Seq {
+  uint64_t id = 0;
+  uint32_t attempt = 0;
+  std::vector<int32_t> tokens;
+  int num_prompt = 0;
+  int num_computed = 0;
+  int prompt_end = 0;  // tokens present at Add: prefill runs to here before sampling
+  std::vector<int32_t> blocks;
+  std::unique_ptr<kernels::SamplerState> sampler;
+  int max_new = 0;
+  int generated = 0;  // on this worker, this attempt
+  std::vector<int32_t> stop_ids;
+  // PREFILL role: where the KV goes, and the first block not yet shipped in full.
+  std::string target;
+  std::vector<int32_t> target_blocks;
+  int first_block = 0;
+  int next_unsent_block = 0;
+  bool finishing = false;  // prefill done; transfer being flushed
+};
+
+KvCacheStore::KvCacheStore(model::KvCache& cache, const model::ModelConfig& config) : cache_(cache) {
+  geometry_.num_layers = cache.num_layers();
+  geometry_.block_size = cache.block_size();
+  geometry_.num_kv_heads = config.num_key_value_heads;
+  geometry_.head_dim = config.head_dim;
+  geometry_.num_blocks = cache.num_blocks();
+}
+
+std::byte* KvCacheStore::BlockData(int layer, bool is_value, int block) {
+  const kernels::Tensor t = is_value ? cache_.v(layer) : cache_.k(layer);
+  return static_cast<std::byte*>(t.data()) + static_cast<size_t>(block) * geometry_.block_bytes();
+}
+
+Engine::Engine(const model::LlamaModel& model, model::KvCache& cache, EngineOptions options,
+               transport::KvSender* sender, Emit emit)
+    : model_(model), cache_(cache), options_(options), sender_(sender), emit_(std::move(emit)) {}
+
+Engine::~Engine() { Stop(); }
+
+void Engine::Post(v1::SchedulerMessage message) {
+  {
+    std::lock_guard lock(mu_);
+    inbox_.push_back(std::move(message));
+  }
+  cv_.notify_one();
+}
+
+void Engine::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+}
+
+void Engine::Reset() {
+  {
+    std::lock_guard lock(mu_);
+    reset_ = true;
+    inbox_.clear();
+  }
+  cv_.notify_all();
+}
+
+int Engine::num_requests() const { return num_requests_.load(); }
+
+void Engine::Run() {
+  while (true) {
+    {
+      std::lock_guard lock(mu_);
+      if (stop_) return;
+    }
+    if (Step()) continue;
+    std::unique_lock lock(mu_);
+    // Nothing runnable: wait for a delta (a short timeout also covers transfers finishing).
+    cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return stop_ || reset_ || !inbox_.empty(); });
+  }
+}
+
+void Engine::ApplyDeltas() {
+  std::vector<v1::SchedulerMessage> inbox;
+  bool reset = false;
+  {
+    std::lock_guard lock(mu_);
+    inbox.swap(inbox_);
+    reset = reset_;
+    reset_ = false;
+  }
+  if (reset) {
+    seqs_.clear();
+    order_.clear();
+  }
+  for (const auto& m : inbox) Apply(m);
+  std::erase_if(order_, [&](uint64_t id) { return !seqs_.contains(id); });
+  num_requests_ = static_cast<int>(seqs_.size());
+}
+
+void Engine::Apply(const v1::SchedulerMessage& m) {
+  const int vocab = model_.config().vocab_size;
+  switch (m.kind_case()) {
+    case v1::SchedulerMessage::kAdd: {
+      const v1::AddRequest& a = m.add();
+      auto seq = std::make_unique<Seq>();
+      seq->id = a.request_id();
+      seq->attempt = a.attempt();
+      seq->tokens.assign(a.token_ids().begin(), a.token_ids().end());
+      seq->num_prompt = std::clamp<int>(a.num_prompt_tokens(), 0, static_cast<int>(seq->tokens.size()));
+      seq->num_computed = a.num_computed_tokens();
+      seq->prompt_end = static_cast<int>(seq->tokens.size());
+      seq->blocks.assign(a.blocks().begin(), a.blocks().end());
+      seq->max_new = a.max_new_tokens();
+      seq->stop_ids.assign(a.stop_token_ids().begin(), a.stop_token_ids().end());
+      // The scheduler is trusted, but a bad plan must fail the request, not the process.
+      std::string bad;
+      if (seq->tokens.empty() || seq->num_computed < 0 || seq->num_computed >= seq->prompt_end) {
+        bad = "inconsistent token counts";
+      }
+      for (int32_t t : seq->tokens) if (t < 0 || t >= vocab) bad = "token id outside the vocabulary";
+      for (int32_t b : seq->blocks) if (b < 0 || b >= cache_.num_blocks()) bad = "block id outside the KV pool";
+      if (options_.role == v1::WORKER_ROLE_PREFILL) {
+        if (!sender_ || a.kv_target().address().empty()) bad = "prefill request without a KV target";
+        seq->target = a.kv_target().address();
+        seq->target_blocks.assign(a.kv_target().blocks().begin(), a.kv_target().blocks().end());
+        seq->first_block = a.kv_target().first_block();
+        seq->next_unsent_block = seq->first_block;
+        const int needed = (seq->prompt_end + cache_.block_size() - 1) / cache_.block_size();
+        if (static_cast<int>(seq->target_blocks.size()) < needed) bad = "KV target has too few blocks";
+      }
+      const kernels::SamplingParams params = ToParams(a.sampling());
+      if (absl::Status s = kernels::ValidateSamplingParams(params); !s.ok()) bad = std::string(s.message());
+      if (!bad.empty()) {
+        v1::WorkerMessage out;
+        auto* f = out.mutable_step()->add_failures();
+        f->set_request_id(seq->id);
+        f->set_attempt(seq->attempt);
+        f->set_message(absl::StrCat("worker refused request: ", bad));
+        emit_(std::move(out));
+        return;
+      }
+      seq->sampler = std::make_unique<kernels::SamplerState>(params, vocab, params.seed);
+      seq->sampler->ObservePrompt(std::span(seq->tokens).first(seq->num_prompt));
+      for (size_t i = seq->num_prompt; i < seq->tokens.size(); ++i) seq->sampler->ObserveOutput(seq->tokens[i]);
+      // Tokens sampled elsewhere (the prefill worker, an earlier attempt) used the same seeded
+      // stream; skip their draws so a seeded request samples the same tokens in every mode.
+      if (params.temperature > 0) {
+        for (uint32_t i = 0; i < a.rng_skip(); ++i) seq->sampler->NextUniform();
+      }
+      if (!seqs_.contains(seq->id)) order_.push_back(seq->id);
+      seqs_[seq->id] = std::move(seq);
+      break;
+    }
+    case v1::SchedulerMessage::kAppend: {
+      auto it = seqs_.find(m.append().request_id());
+      if (it == seqs_.end() || it->second->attempt != m.append().attempt()) return;
+      for (int32_t b : m.append().blocks()) {
+        if (b >= 0 && b < cache_.num_blocks()) it->second->blocks.push_back(b);
+      }
+      break;
+    }
+    case v1::SchedulerMessage::kRemove: {
+      auto it = seqs_.find(m.remove().request_id());
+      if (it != seqs_.end() && it->second->attempt == m.remove().attempt()) seqs_.erase(it);
+      break;
+    }
+    default:
+      break;  // ExpectKv goes to the transport receiver, not the engine
+  }
+}
+
+absl::Status Engine::ShipLayer(int layer, const std::vector<Seq*>& seqs,
+                               const std::vector<std::pair<int, int>>& spans) {
+  const transport::KvGeometry geometry{cache_.num_layers(), cache_.block_size(),
+                                       model_.config().num_key_value_heads, model_.config().head_dim,
+                                       cache_.num_blocks()};
+  const size_t block_bytes = geometry.block_bytes();
+  auto* k_base = static_cast<const std::byte*>(cache_.k(layer).data());
+  auto* v_base = static_cast<const std::byte*>(cache_.v(layer).data());
+  std::vector<int32_t> dst;
+  std::vector<const std::byte*> k_src, v_src;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    Seq& s = *seqs[i];
+    const int bs = cache_.block_size();
+    // Every block this chunk touched, plus cached-prefix blocks the decode side lacks.
+    const int lo = std::max(s.first_block, std::min(s.next_unsent_block, spans[i].first / bs));
+    const int hi = (spans[i].second - 1) / bs;
+    dst.clear();
+    k_src.clear();
+    v_src.clear();
+    for (int b = lo; b <= hi; ++b) {
+      dst.push_back(s.target_blocks[b]);
+      k_src.push_back(k_base + static_cast<size_t>(s.blocks[b]) * block_bytes);
+      v_src.push_back(v_base + static_cast<size_t>(s.blocks[b]) * block_bytes);
+    }
+    if (dst.empty()) continue;
+    transport::KvLayerSend send{s.id, s.attempt, layer, dst, k_src, v_src};
+    CLEAVE_RETURN_IF_ERROR(sender_->SendLayer(s.target, send));
+  }
+  return absl::OkStatus();
+}
+
+bool Engine::Step() {
+  ApplyDeltas();
+  if (seqs_.empty()) return false;
+  const auto start = std::chrono::steady_clock::now();
+  const int bs = cache_.block_size();
+
+  // Compose: every request with one pending token (decode) first, then prefill chunks in
+  // arrival order under the token budget. A request whose blocks can't hold the next token waits.
+  model::ForwardBatch batch;
+  std::vector<Seq*> members;
+  std::vector<std::pair<int, int>> spans;  // [first position, end position) computed this step
+  int budget = options_.max_batch_tokens;
+  int stalled = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (uint64_t id : order_) {
+      Seq& s = *seqs_.at(id);
+      const int pending = static_cast<int>(s.tokens.size()) - s.num_computed;
+      if (s.finishing || pending <= 0 || (pass == 0) != (pending == 1)) continue;
+      const int capacity = static_cast<int>(s.blocks.size()) * bs - s.num_computed;
+      const int n = std::min({pending, budget, capacity});
+      if (n <= 0) {
+        ++stalled;
+        continue;
+      }
+      const bool want_logits = n == pending;
+      batch.AddSequence(std::span(s.tokens).subspan(s.num_computed, n), s.num_computed, s.blocks, bs,
+                        want_logits);
+      members.push_back(&s);
+      spans.emplace_back(s.num_computed, s.num_computed + n);
+      budget -= n;
+    }
+  }
+  if (members.empty()) return false;
+
+  v1::WorkerMessage out;
+  v1::StepResults* step = out.mutable_step();
+  auto fail_all = [&](const absl::Status& status) {
+    for (Seq* s : members) {
+      auto* f = step->add_failures();
+      f->set_request_id(s->id);
+      f->set_attempt(s->attempt);
+      f->set_message(std::string(status.message()));
+      seqs_.erase(s->id);
+    }
+  };
+
+  absl::Status status = batch.Finalize();
+  const bool ship = options_.role == v1::WORKER_ROLE_PREFILL;
+  absl::StatusOr<model::HiddenState> h = status.ok() ? model_.Embed(batch, ws_) : absl::StatusOr<model::HiddenState>(status);
+  status = h.status();
+  for (int l = 0; status.ok() && l < model_.config().num_hidden_layers; ++l) {
+    status = model_.RunMixer(l, batch, cache_, ws_, *h);
+    // This layer's KV is final for the chunk: ship it while the rest of the pass runs.
+    if (status.ok() && ship) status = ShipLayer(l, members, spans);
+    if (status.ok()) status = model_.RunFfn(l, ws_, *h);
+  }
+  if (status.ok()) status = model_.ComputeLogits(batch, ws_, *h, logits_);
+  if (!status.ok()) {
+    CLEAVE_LOG(Error) << "forward pass failed: " << status;
+    fail_all(status);
+  } else {
+    const int vocab = model_.config().vocab_size;
+    size_t row = 0;
+    for (size_t i = 0; i < members.size(); ++i) {
+      Seq& s = *members[i];
+      s.num_computed = spans[i].second;
+      if (s.num_computed == static_cast<int>(s.tokens.size())) {
+        std::span<float> logits(logits_.data() + row * vocab, vocab);
+        ++row;
+        absl::StatusOr<kernels::SampleResult> sample = kernels::Sample(logits, *s.sampler);
+        if (!sample.ok()) {
+          auto* f = step->add_failures();
+          f->set_request_id(s.id);
+          f->set_attempt(s.attempt);
+          f->set_message(std::string(sample.status().message()));
+          seqs_.erase(s.id);
+          continue;
+        }
+        s.sampler->ObserveOutput(sample->token);
+        s.tokens.push_back(sample->token);
+        ++s.generated;
+        auto* t = step->add_tokens();
+        t->set_request_id(s.id);
+        t->set_attempt(s.attempt);
+        t->set_token_id(sample->token);
+        t->set_logprob(sample->logprob);
+        for (const kernels::TokenLogprob& alt : sample->top) {
+          t->add_top_token_ids(alt.token);
+          t->add_top_logprobs(alt.logprob);
+        }
+        const bool stop = std::find(s.stop_ids.begin(), s.stop_ids.end(), sample->token) != s.stop_ids.end();
+        const bool length = !stop && s.generated >= s.max_new;
+        t->set_finished(stop || length);
+        t->set_finished_by_length(length);
+        if (ship) {
+          // The prompt's KV is all queued; the transfer completes behind the next iterations.
+          s.finishing = true;
+          const uint64_t id = s.id;
+          const uint32_t attempt = s.attempt;
+          sender_->Finish(s.target, id, attempt, [this, id, attempt](absl::Status st) {
+            v1::WorkerMessage msg;
+            if (st.ok()) {
+              msg.mutable_kv_sent()->set_request_id(id);
+              msg.mutable_kv_sent()->set_attempt(attempt);
+            } else {
+              auto* f = msg.mutable_step()->add_failures();
+              f->set_request_id(id);
+              f->set_attempt(attempt);
+              f->set_message(absl::StrCat("KV transfer failed: ", st.message()));
+            }
+            emit_(std::move(msg));
+          });
+          seqs_.erase(id);
+        } else if (stop || length) {
+          seqs_.erase(s.id);
+        }
+      } else if (ship) {
+        s.next_unsent_block = s.num_computed / bs;
+      }
+    }
+  }
+  std::erase_if(order_, [&](uint64_t id) { return !seqs_.contains(id); });
+  num_requests_ = static_cast<int>(seqs_.size());
+  step->set_num_running(static_cast<int>(seqs_.size()));
+  step->set_num_waiting(stalled);
+  step->set_step_micros(std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now() - start).count());
+  emit_(std::move(out));
+  return true;
+}
+
+}  // namespace cleave::worker
