@@ -119,7 +119,9 @@ TEST_F(EngineTest, PrefillShipsKvToDecodeOverInprocTransport) {
   cb.on_failed = [&](uint64_t, uint32_t, const std::string& why) { ADD_FAILURE() << why; };
   auto receiver = transport::CreateKvReceiver("inproc://engine-test-decode", {}, dstore, cb);
   ASSERT_TRUE(receiver.ok()) << receiver.status();
-  auto sender = transport::CreateKvSender({});
+  transport::TransportOptions sopts;
+  sopts.geometry = dstore.geometry();
+  auto sender = transport::CreateKvSender(sopts);
 
   const std::vector<int32_t> prompt = Prompt(75, 42);  // 5 blocks, last one partial
   const int max_new = 20;

@@ -192,7 +192,12 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
     }
     case v1::SchedulerMessage::kRemove: {
       auto it = seqs_.find(m.remove().request_id());
-      if (it != seqs_.end() && it->second->attempt == m.remove().attempt()) seqs_.erase(it);
+      if (it == seqs_.end() || it->second->attempt != m.remove().attempt()) return;
+      // The sender keeps a record of every transfer until its Finish.
+      if (options_.role == v1::WORKER_ROLE_PREFILL) {
+        sender_->Finish(it->second->target, it->second->id, it->second->attempt, [](absl::Status) {});
+      }
+      seqs_.erase(it);
       break;
     }
     default:
@@ -269,6 +274,7 @@ bool Engine::Step() {
   v1::StepResults* step = out.mutable_step();
   auto fail_all = [&](const absl::Status& status) {
     for (Seq* s : members) {
+      if (options_.role == v1::WORKER_ROLE_PREFILL) sender_->Finish(s->target, s->id, s->attempt, [](absl::Status) {});
       auto* f = step->add_failures();
       f->set_request_id(s->id);
       f->set_attempt(s->attempt);

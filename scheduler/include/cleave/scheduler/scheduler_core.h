@@ -10,6 +10,27 @@
 // Preemption by recompute returns a request to WAITING with its generated tokens appended to the
 // prompt it will recompute; the next placement uses attempt + 1 so late results of the old
 // attempt are recognised and dropped.
+//
+// What workers can rely on (the implementation is in src/core_*.cc; request.h draws the states):
+//  - Attempts start at 0. Every placement after a preemption or re-run has a higher attempt; all
+//    messages of one placement (ExpectKv, AddRequest to P and D, AppendBlocks, RemoveRequest)
+//    carry the same one.
+//  - P/D placement: ExpectKv goes to D before AddRequest goes to P (in outbox order; the two
+//    streams are independent, so D must accept ExpectKv promptly).
+//  - A worker gets RemoveRequest for a request it holds unless it ended the request itself
+//    (finished / finished_by_length on a token, RequestFailure, KvFailed). Messages cross, so a
+//    worker must treat RemoveRequest / AppendBlocks for an unknown (request, attempt) as a no-op.
+//  - A prefill worker is done with a request once it has reported its token and KvSent; it gets
+//    no RemoveRequest after that. If its token ends the request (finished, a stop id, the last
+//    allowed token), the scheduler frees its blocks at once: it must not read them afterwards
+//    (the KV transfer is moot; D was told RemoveRequest and must refuse late frames).
+//  - AppendBlocks extends a running request's table towards len(tokens) +
+//    decode_lookahead_tokens. When free blocks run short the table may cover less (at least
+//    len(tokens) + 1); only then is a request preempted. A worker with no slot for a step waits.
+//  - Re-runs (a failure or a lost worker with nothing streamed yet) send PREEMPTED to the
+//    workers that still hold the request; a failed request sends FAILED.
+//  - The scheduler ends a request by length when max_tokens are streamed, and on a stop id, even
+//    if the worker did not flag it (then the worker gets RemoveRequest FINISHED).
 #pragma once
 
 #include <cstdint>
@@ -43,6 +64,19 @@ struct SchedulerConfig {
   int decode_lookahead_tokens = 16;
   // Requests whose tokens were already streamed when their worker was lost fail with
   // UNAVAILABLE; those with nothing streamed yet are re-run elsewhere.
+
+  // A prefill worker is given at most this many times its max_batch_tokens of prompt tokens still
+  // to prefill (one prompt always fits an idle worker); the rest wait, so that later placements
+  // can go to other prefill workers.
+  int prefill_queue_factor = 4;
+  // Re-runs after failures or lost workers (not preemptions) before the request fails (with the
+  // last cause's code): a request that keeps killing workers must not cycle forever.
+  int max_reruns = 3;
+  // Waiting requests fail with UNAVAILABLE once no serving capacity has been registered for this
+  // long (measured at Schedule()); 0 fails them at the first Schedule() without capacity.
+  int no_capacity_timeout_ms = 30000;
+  // Seeds the RNG that draws sampling seeds for requests that came without one.
+  uint64_t seed = 0x5eed5eed5eed5eedULL;
 };
 
 struct Outbox {

@@ -70,10 +70,19 @@ class KvSender {
   [[nodiscard]] virtual absl::Status SendLayer(const std::string& peer, const KvLayerSend& layer) = 0;
   // Ends the transfer; `done` runs (on a transport thread) once every frame of the request has
   // been written to the peer, or with the error that stopped it (peer unreachable, timeout).
+  // "Written" means handed to the peer's socket: whether the receiver accepted the transfer is
+  // its on_ready / on_failed, reported through the scheduler. `done` may also run on the calling
+  // thread (inproc, or a transfer that had already failed). Call Finish for every transfer that
+  // had a SendLayer, even one that failed: it also drops the sender's record of the transfer.
+  // TCP: once the connection carrying a transfer fails, that transfer stays failed (SendLayer
+  // returns the error) until its Finish; other transfers re-dial on their next SendLayer.
   virtual void Finish(const std::string& peer, uint64_t request_id, uint32_t attempt,
                       DoneCallback done) = 0;
 };
 
+// Callbacks run on a transport thread (TCP: the connection's reader; inproc: the sender's
+// thread), never under a transport lock, so they may call Expect / Forget. They must not destroy
+// the receiver. None runs once the receiver's destructor has started.
 struct ReceiverCallbacks {
   // Every expected block of every layer arrived, then the finish frame.
   std::function<void(uint64_t request_id, uint32_t attempt)> on_ready;
@@ -89,9 +98,13 @@ class KvReceiver {
   // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME").
   virtual std::string address() const = 0;
   // Agreement from the scheduler: frames of (request_id, attempt) may write exactly `blocks`
-  // (in every layer). Frames for transfers not expected are refused.
+  // (in every layer). Frames for transfers not expected are refused (read and dropped), so
+  // Expect must come before the sender's first frame. Replaces an earlier agreement for the key.
   virtual void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) = 0;
   // Drops an expectation (request cancelled or preempted); late frames for it are discarded.
+  // When Forget returns, no write for the transfer is in flight and none will start, so its
+  // blocks may be handed to another request. (It waits for a frame being received into them:
+  // at most io_timeout_ms when that peer stalls.)
   virtual void Forget(uint64_t request_id, uint32_t attempt) = 0;
 };
 
@@ -101,6 +114,12 @@ struct TransportOptions {
   size_t max_queued_bytes_per_peer = 64u << 20;
   int connect_timeout_ms = 3000;
   int io_timeout_ms = 10000;              // a stalled peer fails the transfer after this
+  // Senders only: the KV shape this process sends. SendLayer copies geometry.block_bytes() from
+  // each source pointer (the spans carry no sizes), and the TCP handshake states
+  // (num_layers, block_bytes) so a receiver whose store has another shape refuses the
+  // connection. Receivers ignore it and use their store's geometry. Unset (num_layers == 0):
+  // SendLayer fails with FailedPrecondition.
+  KvGeometry geometry;
 };
 
 // The sender for every address scheme above.

@@ -1,0 +1,134 @@
+// SchedulerCore's state and the helpers its parts share. Private to cleave_scheduler. The parts:
+//   core.cc            construction, Stats, outbox, the public forwarding methods
+//   core_workers.cc    registration, leases, a lost worker's requests
+//   core_frontend.cc   admission, cancellation
+//   core_placement.cc  Schedule(): policy order, worker choice, allocation, placement preemption
+//   core_results.cc    step results, KV notices, growth of decoding requests
+//   core_lifecycle.cc  ending, preempting and re-running requests; releasing their blocks
+// Not thread-safe (see scheduler_core.h).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "cleave/scheduler/scheduler_core.h"
+#include "cleave/v1/control.pb.h"
+#include "request.h"
+#include "waiting_queue.h"
+#include "worker.h"
+
+namespace cleave::scheduler {
+
+// google.rpc.Code values carried in RequestEvent.error_code.
+enum RpcCode : int32_t {
+  kCodeInvalidArgument = 3,
+  kCodeResourceExhausted = 8,
+  kCodeInternal = 13,
+  kCodeUnavailable = 14,
+};
+
+struct SchedulerCore::Impl {
+  explicit Impl(SchedulerConfig cfg);
+
+  // --- lookups -----------------------------------------------------------------------------
+  Request* FindRequest(RequestId id);
+  Worker* FindWorker(WorkerId id);
+  bool HasPdPair() const;
+  bool HasColocated() const;
+  // The longest sequence any request may reach: min over the workers of the current mode.
+  int64_t MaxModelLen() const;
+  int block_size() const { return geometry ? geometry->block_size() : 0; }
+
+  // --- outbox ------------------------------------------------------------------------------
+  void SendAdd(const Worker& worker, const Request& r, int num_computed_tokens,
+               const std::vector<int32_t>& blocks, const v1::KvTarget* kv_target);
+  void SendRemove(WorkerId worker, const Request& r, v1::RemoveReason reason);
+  void SendAppend(WorkerId worker, const Request& r, std::vector<int32_t>::const_iterator first,
+                  std::vector<int32_t>::const_iterator last);
+  void SendExpectKv(const Worker& decode, const Request& r, WorkerId source);
+  v1::RequestEvent& StepEvent(Request& r);  // the request's event in the current step batch
+  void EmitError(const Request& r, int32_t code, const std::string& message);
+
+  // --- lifecycle (core_lifecycle.cc) ---------------------------------------------------------
+  // Enters the placement's computed full blocks in its worker's prefix cache.
+  void CacheComputed(Request& r, Placement& p);
+  void ReleaseBlocks(Request& r, Placement& p);
+  // Takes the request off the placement's worker: RemoveRequest (unless the worker ended it or
+  // is gone), computed blocks cached, blocks freed.
+  void Detach(Request& r, Placement& p, v1::RemoveReason reason);
+  void DetachAll(Request& r, v1::RemoveReason reason);
+  void Erase(Request& r);
+  void Finish(Request& r, bool by_length);
+  void Fail(Request& r, int32_t code, const std::string& message);
+  // Back to WAITING, front of its class, attempt + 1.
+  void Requeue(Request& r, v1::RemoveReason reason);
+  void Preempt(Request& r);
+  // After a failure: re-run when nothing was streamed (and the re-run budget allows), else fail.
+  void RerunOrFail(Request& r, int32_t code, const std::string& message);
+  // The preemption victim among `worker`'s requests: lowest priority (PRIORITY policy), then the
+  // latest arrival; only those with priority value > min_priority_value when given.
+  Request* PickVictim(const Worker& worker, std::optional<int> min_priority_value,
+                      bool prefill_side);
+
+  // --- placement (core_placement.cc) ---------------------------------------------------------
+  // Hashes of r's first num_blocks full blocks, for the current block size.
+  const std::vector<uint64_t>& BlockHashes(Request& r, int num_blocks);
+  int MatchPrefix(Worker& worker, Request& r, int max_blocks, std::vector<int32_t>* hit);
+  enum class PlaceResult { kPlaced, kBlocked, kDropped };
+  PlaceResult PlacePd(Request& r);
+  PlaceResult PlaceColocated(Request& r);
+  void FailWaitingWithoutCapacity(Clock now);
+  void Dequeue(Request& r);  // waiting counters only; the queue entry goes stale
+
+  // --- results (core_results.cc) -------------------------------------------------------------
+  void OnStep(Worker& worker, const v1::StepResults& step);
+  void OnToken(Worker& worker, const v1::TokenResult& token);
+  void OnFailure(Worker& worker, const v1::RequestFailure& failure);
+  void OnKvReady(Worker& worker, const v1::KvReady& ready);
+  void OnKvFailed(Worker& worker, const v1::KvFailed& failed);
+  void OnKvSent(Worker& worker, const v1::KvSent& sent);
+  void AppendToken(Request& r, const v1::TokenResult& token);
+  void StartDecode(Request& r);
+  // Extends r's decode table towards len(tokens) + lookahead; with `preempt`, preempts requests
+  // (possibly r) until it covers at least len(tokens) + 1, and sends AppendBlocks.
+  void Grow(Request& r, bool preempt);
+
+  // --- workers (core_workers.cc) -------------------------------------------------------------
+  void OnWorkerLost(Worker& worker, const std::string& why);
+
+  SchedulerConfig config;
+  Outbox outbox;
+  std::map<WorkerId, std::unique_ptr<Worker>> workers;  // ordered: ties go to the lowest id
+  // The model and geometry every worker must match (the first live worker's registration).
+  std::optional<v1::RegisterWorkerRequest> geometry;
+  absl::flat_hash_map<RequestId, std::unique_ptr<Request>> requests;
+  absl::flat_hash_map<std::pair<FrontendId, uint64_t>, RequestId> by_client;
+  WaitingQueue waiting;
+  int num_waiting = 0;
+  int64_t waiting_tokens = 0;
+  std::optional<Clock> no_capacity_since;
+
+  WorkerId next_worker_id = 1;
+  RequestId next_request_id = 1;
+  uint64_t next_arrival = 0;
+  uint64_t event_stamp = 0;
+  std::mt19937_64 rng;
+
+  uint64_t num_finished = 0;
+  uint64_t num_rejected = 0;
+  uint64_t num_preempted = 0;
+  uint64_t prefix_cache_hit_tokens = 0;
+
+  std::vector<RequestId> touched;  // scratch: requests that got tokens in the current step
+};
+
+inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace cleave::scheduler

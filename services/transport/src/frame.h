@@ -1,0 +1,126 @@
+// Wire format of the TCP KV transport. Fixed-layout little-endian records, no varints and no
+// self-describing encodings, so the receiver can check every field before it trusts a length.
+//
+//   connection:  sender -> Hello; receiver -> HelloAck (kOk, or the reason it refuses);
+//                then sender -> Frame* until either side closes. The receiver sends nothing after
+//                HelloAck, so a sender that finds its socket readable knows the peer has gone.
+//   LAYER frame: FrameHeader, n_blocks int32 block ids, then n_blocks * block_bytes of K (in the
+//                order of the ids), then n_blocks * block_bytes of V.
+//   FINISH:      FrameHeader only (layer, n_blocks and payload_bytes are 0).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+
+namespace cleave::transport::wire {
+
+inline constexpr uint32_t kHelloMagic = 0x31564b43;  // "CKV1" on the wire
+inline constexpr uint32_t kFrameMagic = 0x46564b43;  // "CKVF": every frame, to catch desync
+inline constexpr uint16_t kVersion = 1;
+
+// Upper bound on blocks per LAYER frame, whatever the pool size: it bounds the receiver's
+// per-connection id buffer (16 KiB) and what one frame can pin.
+inline constexpr uint32_t kMaxBlocksPerFrame = 4096;
+
+enum class FrameType : uint16_t { kLayer = 1, kFinish = 2 };
+enum class HelloStatus : uint16_t { kOk = 0, kVersionMismatch = 1, kGeometryMismatch = 2 };
+
+// Hello and HelloAck share one 24-byte layout:
+//   0 magic u32 | 4 version u16 | 6 status u16 (Hello: 0) | 8 num_layers u32 | 12 reserved u32 |
+//   16 block_bytes u64
+// The ack carries the receiver's own geometry so a refused sender can say what it met.
+struct Hello {
+  uint32_t magic = kHelloMagic;
+  uint16_t version = kVersion;
+  uint16_t status = 0;
+  uint32_t num_layers = 0;
+  uint64_t block_bytes = 0;
+};
+inline constexpr size_t kHelloBytes = 24;
+
+// 0 magic u32 | 4 type u16 | 6 reserved u16 | 8 request_id u64 | 16 attempt u32 | 20 layer u32 |
+// 24 n_blocks u32 | 28 reserved u32 | 32 payload_bytes u64 (bytes after the id list)
+struct FrameHeader {
+  uint32_t magic = kFrameMagic;
+  uint16_t type = 0;
+  uint16_t reserved0 = 0;
+  uint64_t request_id = 0;
+  uint32_t attempt = 0;
+  uint32_t layer = 0;
+  uint32_t n_blocks = 0;
+  uint32_t reserved1 = 0;
+  uint64_t payload_bytes = 0;
+};
+inline constexpr size_t kFrameHeaderBytes = 40;
+
+// Little-endian stores and loads, byte by byte so they hold on any host (compilers turn them
+// into single moves on little-endian targets).
+inline void PutU16(std::byte* p, uint16_t v) {
+  for (int i = 0; i < 2; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+inline void PutU32(std::byte* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+inline void PutU64(std::byte* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<std::byte>(v >> (8 * i));
+}
+inline uint16_t GetU16(const std::byte* p) {
+  return static_cast<uint16_t>(static_cast<uint16_t>(p[0]) | static_cast<uint16_t>(p[1]) << 8);
+}
+inline uint32_t GetU32(const std::byte* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = v << 8 | static_cast<uint32_t>(p[i]);
+  return v;
+}
+inline uint64_t GetU64(const std::byte* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = v << 8 | static_cast<uint64_t>(p[i]);
+  return v;
+}
+
+inline std::array<std::byte, kHelloBytes> EncodeHello(const Hello& h) {
+  std::array<std::byte, kHelloBytes> b{};
+  PutU32(&b[0], h.magic);
+  PutU16(&b[4], h.version);
+  PutU16(&b[6], h.status);
+  PutU32(&b[8], h.num_layers);
+  PutU64(&b[16], h.block_bytes);
+  return b;
+}
+inline Hello DecodeHello(const std::byte* b) {
+  Hello h;
+  h.magic = GetU32(&b[0]);
+  h.version = GetU16(&b[4]);
+  h.status = GetU16(&b[6]);
+  h.num_layers = GetU32(&b[8]);
+  h.block_bytes = GetU64(&b[16]);
+  return h;
+}
+
+inline void EncodeFrameHeader(const FrameHeader& h, std::byte* b) {
+  PutU32(&b[0], h.magic);
+  PutU16(&b[4], h.type);
+  PutU16(&b[6], h.reserved0);
+  PutU64(&b[8], h.request_id);
+  PutU32(&b[16], h.attempt);
+  PutU32(&b[20], h.layer);
+  PutU32(&b[24], h.n_blocks);
+  PutU32(&b[28], h.reserved1);
+  PutU64(&b[32], h.payload_bytes);
+}
+inline FrameHeader DecodeFrameHeader(const std::byte* b) {
+  FrameHeader h;
+  h.magic = GetU32(&b[0]);
+  h.type = GetU16(&b[4]);
+  h.reserved0 = GetU16(&b[6]);
+  h.request_id = GetU64(&b[8]);
+  h.attempt = GetU32(&b[16]);
+  h.layer = GetU32(&b[20]);
+  h.n_blocks = GetU32(&b[24]);
+  h.reserved1 = GetU32(&b[28]);
+  h.payload_bytes = GetU64(&b[32]);
+  return h;
+}
+
+}  // namespace cleave::transport::wire

@@ -1,0 +1,264 @@
+#include "tcp_receiver.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <optional>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "cleave/common/logging.h"
+#include "cleave/common/status.h"
+#include "frame.h"
+
+namespace cleave::transport {
+namespace {
+
+constexpr size_t kScratchBytes = 64u << 10;
+
+// Serves one accepted connection: handshake, then frames until it closes or breaks the protocol.
+class ConnectionServer {
+ public:
+  ConnectionServer(int fd, KvBlockStore& store, TransferTracker& tracker, int io_timeout_ms)
+      : fd_(fd), store_(store), tracker_(tracker), io_timeout_ms_(io_timeout_ms) {}
+
+  // Returns once the connection is done, having failed the transfers it left open.
+  void Run() {
+    absl::Status st = Handshake();
+    if (st.ok()) st = ServeFrames();
+    const bool clean = absl::IsNotFound(st);
+    if (!clean) {
+      CLEAVE_LOG(Warning) << "kv receiver: connection ended: " << st.message();
+    }
+    if (blame_) tracker_.Fail(*blame_, absl::StrCat("protocol violation: ", st.message()));
+    const std::string why = clean ? "sender closed the connection before the finish frame"
+                                  : absl::StrCat("connection lost mid-transfer: ", st.message());
+    for (const TransferKey& key : open_) tracker_.Fail(key, why);
+  }
+
+ private:
+  absl::Status Handshake() {
+    CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd_, io_timeout_ms_));
+    std::array<std::byte, wire::kHelloBytes> buf{};
+    CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data(), buf.size()));
+    const wire::Hello hello = wire::DecodeHello(buf.data());
+    // Not one of ours: say nothing, in case it is something that would misread a reply.
+    if (hello.magic != wire::kHelloMagic) return absl::InvalidArgumentError("bad hello magic");
+
+    const KvGeometry& g = tracker_.geometry();
+    wire::Hello ack;
+    ack.num_layers = static_cast<uint32_t>(g.num_layers);
+    ack.block_bytes = g.block_bytes();
+    if (hello.version != wire::kVersion) {
+      ack.status = static_cast<uint16_t>(wire::HelloStatus::kVersionMismatch);
+    } else if (hello.num_layers != ack.num_layers || hello.block_bytes != ack.block_bytes) {
+      ack.status = static_cast<uint16_t>(wire::HelloStatus::kGeometryMismatch);
+    }
+    auto out = wire::EncodeHello(ack);
+    iovec iov{out.data(), out.size()};
+    CLEAVE_RETURN_IF_ERROR(WriteFullv(fd_, &iov, 1));
+    if (ack.status != 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("refused sender: version ", hello.version, ", ", hello.num_layers,
+                       " layers x ", hello.block_bytes, " B blocks; this receiver has version ",
+                       wire::kVersion, ", ", ack.num_layers, " x ", ack.block_bytes));
+    }
+    return absl::OkStatus();
+  }
+
+  // Ends with NotFound("closed") when the sender closes cleanly between frames.
+  absl::Status ServeFrames() {
+    for (;;) {
+      // An idle connection may wait forever (it is reused across requests); a frame, once
+      // started, must keep moving (SO_RCVTIMEO set in Handshake).
+      CLEAVE_RETURN_IF_ERROR(WaitReadable(fd_));
+      std::array<std::byte, wire::kFrameHeaderBytes> buf{};
+      CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data(), buf.size(), /*eof_ok_at_start=*/true));
+      const wire::FrameHeader h = wire::DecodeFrameHeader(buf.data());
+      if (h.magic != wire::kFrameMagic) return absl::InvalidArgumentError("bad frame magic");
+      const TransferKey key{h.request_id, h.attempt};
+      if (h.reserved0 != 0 || h.reserved1 != 0) return Violation(key, "reserved header field set");
+      switch (static_cast<wire::FrameType>(h.type)) {
+        case wire::FrameType::kLayer:
+          CLEAVE_RETURN_IF_ERROR(ServeLayer(h, key));
+          break;
+        case wire::FrameType::kFinish:
+          if (h.layer != 0 || h.n_blocks != 0 || h.payload_bytes != 0) {
+            return Violation(key, "finish frame with a body");
+          }
+          open_.erase(key);
+          tracker_.Finish(key);
+          break;
+        default:
+          return Violation(key, absl::StrCat("unknown frame type ", h.type));
+      }
+    }
+  }
+
+  absl::Status ServeLayer(const wire::FrameHeader& h, TransferKey key) {
+    const KvGeometry& g = tracker_.geometry();
+    if (absl::Status s = CheckLayerFraming(g, h.n_blocks, h.payload_bytes); !s.ok()) {
+      return Violation(key, std::string(s.message()));
+    }
+    id_bytes_.resize(size_t{h.n_blocks} * 4);
+    CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, id_bytes_.data(), id_bytes_.size()));
+    ids_.resize(h.n_blocks);
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      ids_[i] = static_cast<int32_t>(wire::GetU32(&id_bytes_[4 * i]));
+    }
+
+    TransferTracker::LayerTicket ticket = tracker_.BeginLayer(key, h.layer, ids_);
+    if (ticket.verdict != TransferTracker::Verdict::kWrite) return Discard(h.payload_bytes);
+
+    // Only now, with layer and every id checked, do we name store memory.
+    const size_t bb = g.block_bytes();
+    iov_.resize(2 * ids_.size());
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      iov_[i] = {store_.BlockData(static_cast<int>(h.layer), false, ids_[i]), bb};
+      iov_[ids_.size() + i] = {store_.BlockData(static_cast<int>(h.layer), true, ids_[i]), bb};
+    }
+    const absl::Status st = ReadFullv(fd_, iov_.data(), iov_.size());
+    tracker_.EndLayer(ticket, st.ok(), absl::StrCat("layer frame cut short: ", st.message()));
+    if (st.ok()) open_.insert(key);
+    return st;
+  }
+
+  // Reads and drops a payload nobody will use, through bounded scratch.
+  absl::Status Discard(uint64_t n) {
+    scratch_.resize(kScratchBytes);
+    while (n > 0) {
+      const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, scratch_.size()));
+      CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, scratch_.data(), chunk));
+      n -= chunk;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Violation(TransferKey key, std::string why) {
+    blame_ = key;
+    return absl::InvalidArgumentError(std::move(why));
+  }
+
+  const int fd_;
+  KvBlockStore& store_;
+  TransferTracker& tracker_;
+  const int io_timeout_ms_;
+  std::optional<TransferKey> blame_;       // the transfer whose frame broke the framing
+  absl::flat_hash_set<TransferKey> open_;  // wrote at least one layer, no finish yet
+  std::vector<std::byte> id_bytes_;        // <= kMaxBlocksPerFrame * 4
+  std::vector<int32_t> ids_;
+  std::vector<iovec> iov_;
+  std::vector<std::byte> scratch_;
+};
+
+std::string JoinHostPort(const std::string& host, int port) {
+  return host.find(':') != std::string::npos ? absl::StrCat("[", host, "]:", port)
+                                             : absl::StrCat(host, ":", port);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportOptions& options,
+                                                                KvBlockStore& store,
+                                                                ReceiverCallbacks callbacks) {
+  const KvGeometry& g = store.geometry();
+  if (g.num_layers <= 0 || g.num_blocks <= 0 || g.block_bytes() == 0) {
+    return absl::InvalidArgumentError("kv receiver: store geometry has an empty dimension");
+  }
+  if (options.io_timeout_ms <= 0) return absl::InvalidArgumentError("io_timeout_ms must be > 0");
+  std::unique_ptr<TcpReceiver> r(new TcpReceiver(options, store, std::move(callbacks)));
+  int port = 0;
+  CLEAVE_ASSIGN_OR_RETURN(r->listen_fd_,
+                          ListenTcp({options.listen_host, options.listen_port}, &port));
+  r->address_ = JoinHostPort(options.listen_host, port);
+  r->wake_fd_ = UniqueFd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!r->wake_fd_.valid()) return absl::InternalError("eventfd failed");
+  r->accept_thread_ = std::thread([p = r.get()] { p->AcceptLoop(); });
+  return std::unique_ptr<KvReceiver>(std::move(r));
+}
+
+TcpReceiver::TcpReceiver(const TransportOptions& options, KvBlockStore& store,
+                         ReceiverCallbacks callbacks)
+    : options_(options), store_(store), tracker_(store.geometry(), std::move(callbacks)) {}
+
+TcpReceiver::~TcpReceiver() {
+  tracker_.Silence();
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  Wake();
+  if (accept_thread_.joinable()) accept_thread_.join();
+  // No new connections now. shutdown() wakes each thread's poll/recv without freeing its fd.
+  std::lock_guard lock(mu_);
+  for (auto& c : connections_) shutdown(c->fd.get(), SHUT_RDWR);
+  for (auto& c : connections_) c->thread.join();
+  connections_.clear();
+}
+
+void TcpReceiver::Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) {
+  tracker_.Expect({request_id, attempt}, std::move(blocks));
+}
+
+void TcpReceiver::Forget(uint64_t request_id, uint32_t attempt) {
+  tracker_.Forget({request_id, attempt});
+}
+
+void TcpReceiver::Wake() {
+  const uint64_t one = 1;
+  // A full counter still wakes the poller, so a failed write loses nothing.
+  [[maybe_unused]] ssize_t n = write(wake_fd_.get(), &one, sizeof(one));
+}
+
+void TcpReceiver::AcceptLoop() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0 && errno != EINTR) {
+      CLEAVE_LOG(Error) << "kv receiver: poll failed, no longer accepting: " << errno;
+      return;
+    }
+    std::lock_guard lock(mu_);
+    if (stopping_) return;
+    if (fds[1].revents != 0) {
+      uint64_t drained;
+      [[maybe_unused]] ssize_t n = read(wake_fd_.get(), &drained, sizeof(drained));
+    }
+    ReapFinishedLocked();
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    UniqueFd fd(accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!fd.valid()) continue;  // the peer gave up already, or a transient error
+    if (connections_.size() >= kMaxConnections) {
+      CLEAVE_LOG(Warning) << "kv receiver: refusing connection beyond " << kMaxConnections;
+      continue;
+    }
+    auto c = std::make_unique<Connection>();
+    c->fd = std::move(fd);
+    Connection* raw = c.get();
+    c->thread = std::thread([this, raw] {
+      ConnectionServer(raw->fd.get(), store_, tracker_, options_.io_timeout_ms).Run();
+      // Tell the sender at once; the fd itself is closed when the accept loop reaps us.
+      shutdown(raw->fd.get(), SHUT_RDWR);
+      raw->finished.store(true);
+      Wake();
+    });
+    connections_.push_back(std::move(c));
+  }
+}
+
+void TcpReceiver::ReapFinishedLocked() {
+  for (auto it = connections_.begin(); it != connections_.end();) {
+    if ((*it)->finished.load()) {
+      (*it)->thread.join();
+      it = connections_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+}  // namespace cleave::transport

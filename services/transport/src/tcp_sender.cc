@@ -1,0 +1,400 @@
+#include "tcp_sender.h"
+
+#include <sys/socket.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "cleave/common/status.h"
+#include "layer_checks.h"
+
+namespace cleave::transport {
+namespace {
+
+// One sendmsg() carries up to this much, so small frames share a syscall and a big queue does
+// not hold the lock-free write for long.
+constexpr size_t kMaxBatchFrames = 64;
+constexpr size_t kMaxBatchBytes = 8u << 20;
+
+// Header and block ids of a LAYER frame (the payload follows from the caller's pointers).
+std::vector<std::byte> EncodeLayerHead(const KvLayerSend& layer, size_t block_bytes) {
+  const size_t n = layer.dst_blocks.size();
+  std::vector<std::byte> head(wire::kFrameHeaderBytes + 4 * n);
+  wire::FrameHeader h;
+  h.type = static_cast<uint16_t>(wire::FrameType::kLayer);
+  h.request_id = layer.request_id;
+  h.attempt = layer.attempt;
+  h.layer = static_cast<uint32_t>(layer.layer);
+  h.n_blocks = static_cast<uint32_t>(n);
+  h.payload_bytes = 2 * n * block_bytes;
+  wire::EncodeFrameHeader(h, head.data());
+  for (size_t i = 0; i < n; ++i) {
+    wire::PutU32(&head[wire::kFrameHeaderBytes + 4 * i],
+                 static_cast<uint32_t>(layer.dst_blocks[i]));
+  }
+  return head;
+}
+
+// The whole frame as iovecs over `head` and the caller's K then V blocks.
+std::vector<iovec> FrameIov(std::vector<std::byte>& head, const KvLayerSend& layer, size_t bb) {
+  std::vector<iovec> iov;
+  iov.reserve(1 + 2 * layer.dst_blocks.size());
+  iov.push_back({head.data(), head.size()});
+  for (const std::byte* p : layer.k_src) iov.push_back({const_cast<std::byte*>(p), bb});
+  for (const std::byte* p : layer.v_src) iov.push_back({const_cast<std::byte*>(p), bb});
+  return iov;
+}
+
+}  // namespace
+
+TcpPeerLink::TcpPeerLink(HostPort peer, const TransportOptions& options)
+    : peer_(std::move(peer)),
+      name_(absl::StrCat(peer_.host, ":", peer_.port)),
+      options_(options),
+      pool_cap_bytes_(std::min<size_t>(options.max_queued_bytes_per_peer, 16u << 20)) {
+  writer_ = std::thread([this] { WriterLoop(); });
+}
+
+TcpPeerLink::~TcpPeerLink() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+    if (fd_.valid()) shutdown(fd_.get(), SHUT_RDWR);  // wakes a writer blocked in sendmsg
+  }
+  cv_.notify_all();
+  writer_.join();
+  const absl::Status why = absl::CancelledError(absl::StrCat("kv sender to ", name_, " shut down"));
+  for (OutFrame& f : queue_) {
+    if (f.done) f.done(why);
+  }
+}
+
+absl::Status TcpPeerLink::PeerError(const absl::Status& s) const {
+  return absl::Status(s.code(), absl::StrCat("kv peer ", name_, ": ", s.message()));
+}
+
+absl::Status TcpPeerLink::SendLayer(const KvLayerSend& layer) {
+  CLEAVE_RETURN_IF_ERROR(CheckLayerSend(options_.geometry, layer));
+  const TransferKey key{layer.request_id, layer.attempt};
+  std::unique_lock lock(mu_);
+  if (auto it = open_.find(key); it != open_.end() && !it->second.ok()) return it->second;
+  CLEAVE_RETURN_IF_ERROR(EnsureConnectedLocked(lock));
+  if (queue_.empty() && !writing_) return SendDirectLocked(lock, layer);
+  return SendQueuedLocked(lock, layer);
+}
+
+absl::Status TcpPeerLink::SendDirectLocked(std::unique_lock<std::mutex>& lock,
+                                           const KvLayerSend& layer) {
+  const TransferKey key{layer.request_id, layer.attempt};
+  const size_t bb = options_.geometry.block_bytes();
+  writing_ = true;
+  const uint64_t gen = generation_;
+  const int fd = fd_.get();
+  open_.try_emplace(key, absl::OkStatus());
+  lock.unlock();
+
+  std::vector<std::byte> head = EncodeLayerHead(layer, bb);
+  std::vector<iovec> iov = FrameIov(head, layer, bb);
+  const std::vector<iovec> whole = iov;  // WriteSomev advances `iov` in place
+  const size_t total = head.size() + 2 * layer.dst_blocks.size() * bb;
+  absl::StatusOr<size_t> sent = PeerHasHungUp(fd)
+                                    ? absl::UnavailableError("receiver closed the connection")
+                                    : WriteSomev(fd, iov.data(), iov.size());
+  OutFrame rest;
+  if (sent.ok() && *sent < total) {
+    // The socket buffer is full: the rest goes first in the queue (we still hold writing_, so
+    // nothing queued meanwhile can be written ahead of it).
+    lock.lock();
+    rest = NewFrameLocked(total - *sent);
+    lock.unlock();
+    rest.header_bytes = 0;
+    CopyIovTail(whole.data(), whole.size(), *sent, rest.body.get());
+  }
+
+  lock.lock();
+  writing_ = false;
+  if (!sent.ok()) {
+    const absl::Status st = PeerError(sent.status());
+    std::vector<Completion> completions;
+    FailConnectionLocked(gen, st, completions);
+    cv_.notify_all();
+    lock.unlock();
+    for (auto& [done, status] : completions) done(status);
+    return st;
+  }
+  if (rest.body_bytes > 0) {
+    held_bytes_ += rest.bytes();
+    queue_.push_front(std::move(rest));
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::Status TcpPeerLink::SendQueuedLocked(std::unique_lock<std::mutex>& lock,
+                                           const KvLayerSend& layer) {
+  const TransferKey key{layer.request_id, layer.attempt};
+  const size_t n = layer.dst_blocks.size();
+  const size_t bb = options_.geometry.block_bytes();
+  const size_t body_bytes = n * 4 + 2 * n * bb;
+  const size_t frame_bytes = wire::kFrameHeaderBytes + body_bytes;
+  const uint64_t gen = generation_;
+  // Room for the frame; one frame may always go when nothing is held, however big.
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io_timeout_ms);
+  const bool room = cv_.wait_until(lock, deadline, [&] {
+    return stop_ || generation_ != gen || held_bytes_ == 0 ||
+           held_bytes_ + frame_bytes <= options_.max_queued_bytes_per_peer;
+  });
+  if (stop_) return absl::CancelledError("kv sender shutting down");
+  if (generation_ != gen) {
+    // The connection failed while we waited; an open transfer already carries the cause.
+    return open_.try_emplace(key, last_failure_).first->second;
+  }
+  if (!room) {
+    const absl::Status st = PeerError(absl::DeadlineExceededError(
+        absl::StrCat("send queue full for ", options_.io_timeout_ms, " ms")));
+    open_[key] = st;  // the layer is lost, so the transfer is too
+    return st;
+  }
+  held_bytes_ += frame_bytes;
+  open_.try_emplace(key, absl::OkStatus());
+  OutFrame f = NewFrameLocked(body_bytes);
+  lock.unlock();
+
+  // Copy outside the lock: the copy is what lets the caller reuse its blocks now.
+  std::vector<std::byte> head = EncodeLayerHead(layer, bb);
+  std::memcpy(f.header.data(), head.data(), wire::kFrameHeaderBytes);
+  std::byte* p = f.body.get();
+  std::memcpy(p, head.data() + wire::kFrameHeaderBytes, 4 * n);
+  p += 4 * n;
+  for (size_t i = 0; i < n; ++i, p += bb) std::memcpy(p, layer.k_src[i], bb);
+  for (size_t i = 0; i < n; ++i, p += bb) std::memcpy(p, layer.v_src[i], bb);
+
+  lock.lock();
+  if (stop_ || generation_ != gen) {
+    held_bytes_ -= frame_bytes;
+    RecycleLocked(f);
+    cv_.notify_all();
+    if (stop_) return absl::CancelledError("kv sender shutting down");
+    return open_[key];  // FailConnectionLocked set it to the cause
+  }
+  queue_.push_back(std::move(f));
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void TcpPeerLink::Finish(TransferKey key, DoneCallback done) {
+  std::unique_lock lock(mu_);
+  if (auto it = open_.find(key); it != open_.end()) {
+    const absl::Status st = std::move(it->second);
+    open_.erase(it);
+    if (!st.ok()) {
+      lock.unlock();
+      done(st);
+      return;
+    }
+  }
+  if (absl::Status st = EnsureConnectedLocked(lock); !st.ok()) {
+    lock.unlock();
+    done(st);
+    return;
+  }
+  // Finish frames do not wait for room: they are tiny and callers must not block here.
+  OutFrame f;
+  wire::FrameHeader h;
+  h.type = static_cast<uint16_t>(wire::FrameType::kFinish);
+  h.request_id = key.request_id;
+  h.attempt = key.attempt;
+  wire::EncodeFrameHeader(h, f.header.data());
+  f.done = std::move(done);
+  held_bytes_ += f.bytes();
+  queue_.push_back(std::move(f));
+  cv_.notify_all();
+}
+
+absl::Status TcpPeerLink::EnsureConnectedLocked(std::unique_lock<std::mutex>& lock) {
+  for (;;) {
+    if (stop_) return absl::CancelledError("kv sender shutting down");
+    if (state_ == State::kConnected) return absl::OkStatus();
+    if (state_ == State::kConnecting) {
+      // Someone else is dialling: share their outcome rather than dial again.
+      const uint64_t attempt = dial_attempts_;
+      cv_.wait(lock, [&] { return stop_ || state_ != State::kConnecting; });
+      if (state_ == State::kDisconnected && dial_attempts_ != attempt && !last_dial_error_.ok()) {
+        return last_dial_error_;
+      }
+      continue;
+    }
+    state_ = State::kConnecting;
+    lock.unlock();
+    absl::StatusOr<UniqueFd> fd = Dial();
+    lock.lock();
+    ++dial_attempts_;
+    if (fd.ok() && !stop_) {
+      fd_ = *std::move(fd);
+      state_ = State::kConnected;
+      ++generation_;
+      last_dial_error_ = absl::OkStatus();
+    } else {
+      state_ = State::kDisconnected;
+      last_dial_error_ =
+          fd.ok() ? absl::CancelledError("kv sender shutting down") : PeerError(fd.status());
+    }
+    cv_.notify_all();
+    if (state_ != State::kConnected) return last_dial_error_;
+  }
+}
+
+absl::StatusOr<UniqueFd> TcpPeerLink::Dial() const {
+  CLEAVE_ASSIGN_OR_RETURN(UniqueFd fd, ConnectTcp(peer_, options_.connect_timeout_ms));
+  CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd.get(), options_.io_timeout_ms));
+  wire::Hello hello;
+  hello.num_layers = static_cast<uint32_t>(options_.geometry.num_layers);
+  hello.block_bytes = options_.geometry.block_bytes();
+  auto out = wire::EncodeHello(hello);
+  iovec iov{out.data(), out.size()};
+  CLEAVE_RETURN_IF_ERROR(WriteFullv(fd.get(), &iov, 1));
+  std::array<std::byte, wire::kHelloBytes> in{};
+  if (absl::Status s = ReadFull(fd.get(), in.data(), in.size()); !s.ok()) {
+    return absl::UnavailableError(absl::StrCat("no handshake reply: ", s.message()));
+  }
+  const wire::Hello ack = wire::DecodeHello(in.data());
+  if (ack.magic != wire::kHelloMagic) return absl::UnavailableError("not a cleave KV receiver");
+  if (ack.status != static_cast<uint16_t>(wire::HelloStatus::kOk)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("receiver refused the handshake (", ack.status == 1 ? "version" : "geometry",
+                     " mismatch): it has version ", ack.version, ", ", ack.num_layers, " layers x ",
+                     ack.block_bytes, " B blocks; this sender has version ", wire::kVersion, ", ",
+                     hello.num_layers, " x ", hello.block_bytes));
+  }
+  return fd;
+}
+
+void TcpPeerLink::WriterLoop() {
+  std::unique_lock lock(mu_);
+  std::vector<OutFrame> batch;
+  std::vector<iovec> iov;
+  std::vector<Completion> completions;
+  for (;;) {
+    cv_.wait(lock, [&] {
+      return stop_ || (state_ == State::kConnected && !queue_.empty() && !writing_);
+    });
+    if (stop_) return;
+    writing_ = true;
+    size_t batch_bytes = 0;
+    while (!queue_.empty() && batch.size() < kMaxBatchFrames && batch_bytes < kMaxBatchBytes) {
+      batch_bytes += queue_.front().bytes();
+      batch.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+    const uint64_t gen = generation_;
+    const int fd = fd_.get();  // only the writing_ holder closes it, so it stays ours
+    lock.unlock();
+
+    iov.clear();
+    for (OutFrame& f : batch) {
+      if (f.header_bytes > 0) iov.push_back({f.header.data(), f.header_bytes});
+      if (f.body_bytes > 0) iov.push_back({f.body.get(), f.body_bytes});
+    }
+    // The receiver never writes after the handshake: readable means it hung up, and a write
+    // now could still "succeed" into our socket buffer.
+    absl::Status st = PeerHasHungUp(fd) ? absl::UnavailableError("receiver closed the connection")
+                                        : WriteFullv(fd, iov.data(), iov.size());
+    if (!st.ok()) st = PeerError(st);
+
+    lock.lock();
+    writing_ = false;
+    held_bytes_ -= batch_bytes;
+    for (OutFrame& f : batch) {
+      if (f.done) completions.emplace_back(std::move(f.done), st);
+      RecycleLocked(f);
+    }
+    batch.clear();
+    if (!st.ok()) FailConnectionLocked(gen, st, completions);
+    cv_.notify_all();
+    if (!completions.empty()) {
+      lock.unlock();
+      for (auto& [done, status] : completions) done(status);
+      completions.clear();
+      lock.lock();
+    }
+  }
+}
+
+void TcpPeerLink::FailConnectionLocked(uint64_t generation, const absl::Status& why,
+                                       std::vector<Completion>& completions) {
+  if (generation != generation_ || state_ != State::kConnected) return;
+  shutdown(fd_.get(), SHUT_RDWR);
+  fd_.Reset();
+  state_ = State::kDisconnected;
+  ++generation_;
+  last_failure_ = why;
+  for (OutFrame& f : queue_) {
+    held_bytes_ -= f.bytes();
+    if (f.done) completions.emplace_back(std::move(f.done), why);
+    RecycleLocked(f);
+  }
+  queue_.clear();
+  // The receiver fails whatever it had of these when the connection drops.
+  for (auto& [key, status] : open_) {
+    if (status.ok()) status = why;
+  }
+}
+
+TcpPeerLink::OutFrame TcpPeerLink::NewFrameLocked(size_t body_bytes) {
+  OutFrame f;
+  f.body_bytes = body_bytes;
+  if (body_bytes == 0) return f;
+  for (size_t i = 0; i < pool_.size(); ++i) {
+    // Reuse only a close fit, so one huge frame's buffer does not serve tiny ones forever.
+    if (pool_[i].body_capacity >= body_bytes && pool_[i].body_capacity <= 2 * body_bytes) {
+      f.body = std::move(pool_[i].body);
+      f.body_capacity = pool_[i].body_capacity;
+      pool_bytes_ -= f.body_capacity;
+      pool_.erase(pool_.begin() + static_cast<std::ptrdiff_t>(i));
+      return f;
+    }
+  }
+  f.body.reset(new std::byte[body_bytes]);  // default-init: no memset, the copy fills it
+  f.body_capacity = body_bytes;
+  return f;
+}
+
+void TcpPeerLink::RecycleLocked(OutFrame& frame) {
+  if (frame.body && pool_bytes_ + frame.body_capacity <= pool_cap_bytes_) {
+    pool_bytes_ += frame.body_capacity;
+    OutFrame kept;
+    kept.body = std::move(frame.body);
+    kept.body_capacity = frame.body_capacity;
+    pool_.push_back(std::move(kept));
+  }
+  frame.body.reset();
+}
+
+absl::StatusOr<TcpPeerLink*> TcpSender::Link(const std::string& peer) {
+  std::lock_guard lock(mu_);
+  auto it = links_.find(peer);
+  if (it != links_.end()) return it->second.get();
+  CLEAVE_ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(peer));
+  auto link = std::make_unique<TcpPeerLink>(std::move(hp), options_);
+  TcpPeerLink* raw = link.get();
+  links_.emplace(peer, std::move(link));
+  return raw;
+}
+
+absl::Status TcpSender::SendLayer(const std::string& peer, const KvLayerSend& layer) {
+  CLEAVE_ASSIGN_OR_RETURN(TcpPeerLink * link, Link(peer));
+  return link->SendLayer(layer);
+}
+
+void TcpSender::Finish(const std::string& peer, TransferKey key, DoneCallback done) {
+  absl::StatusOr<TcpPeerLink*> link = Link(peer);
+  if (!link.ok()) {
+    done(link.status());
+    return;
+  }
+  (*link)->Finish(key, std::move(done));
+}
+
+}  // namespace cleave::transport

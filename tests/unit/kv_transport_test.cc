@@ -1,0 +1,296 @@
+// The KV transport contract (cleave/transport/kv_transport.h), run against every backend:
+// TCP over loopback and inproc://. Wire-level attacks on the TCP receiver live in
+// kv_transport_tcp_test.cc.
+//
+// Negative checks ("nothing was written", "no callback ran") are made after a later good
+// transfer has completed over the same sender: TCP delivers one peer's frames in order, so by
+// then every earlier frame has been handled.
+#include "cleave/transport/kv_transport.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <random>
+#include <thread>
+
+#include "unit/kv_transport_test_util.h"
+
+namespace cleave::transport {
+namespace {
+
+using namespace testing_util;  // NOLINT: test helpers only
+
+enum class Backend { kTcp, kInproc };
+
+class KvTransportTest : public ::testing::TestWithParam<Backend> {
+ protected:
+  void SetUp() override {
+    geometry_ = TestGeometry(/*num_layers=*/3, /*num_blocks=*/1024);
+    store_ = std::make_unique<TestStore>(geometry_);
+    options_.geometry = geometry_;
+    options_.connect_timeout_ms = 2000;
+    options_.io_timeout_ms = 5000;
+    receiver_ = MakeReceiver(*store_);
+    ASSERT_NE(receiver_, nullptr);
+    peer_ = receiver_->address();
+    sender_ = CreateKvSender(options_);
+  }
+
+  std::unique_ptr<KvReceiver> MakeReceiver(TestStore& store, int port = 0) {
+    static std::atomic<int> counter{0};
+    TransportOptions o = options_;
+    o.listen_port = port;
+    const std::string listen = GetParam() == Backend::kTcp
+                                   ? "tcp"
+                                   : "inproc://kv-test-" + std::to_string(counter.fetch_add(1));
+    auto r = CreateKvReceiver(listen, o, store, events_.Callbacks());
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? std::move(*r) : nullptr;
+  }
+
+  // Expect, every layer, Finish; then waits for on_ready and checks the bytes.
+  void RunGoodTransfer(uint64_t request_id, const std::vector<int32_t>& blocks, uint64_t seed) {
+    receiver_->Expect(request_id, 0, blocks);
+    for (int layer = 0; layer < geometry_.num_layers; ++layer) {
+      ASSERT_TRUE(
+          SendOneLayer(*sender_, peer_, geometry_, request_id, 0, layer, blocks, seed).ok());
+    }
+    ASSERT_TRUE(FinishAndWait(*sender_, peer_, request_id, 0).ok());
+    ASSERT_TRUE(events_.WaitReady(request_id, 0));
+    for (int layer = 0; layer < geometry_.num_layers; ++layer) {
+      EXPECT_TRUE(LayerMatches(*store_, seed, layer, blocks)) << "layer " << layer;
+    }
+  }
+
+  bool BlocksUntouched(const std::vector<int32_t>& blocks, int first_layer = 0) {
+    for (int layer = first_layer; layer < geometry_.num_layers; ++layer) {
+      for (int32_t b : blocks) {
+        if (!store_->BlockUntouched(layer, false, b) || !store_->BlockUntouched(layer, true, b)) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  bool tcp() const { return GetParam() == Backend::kTcp; }
+
+  // Destruction order matters: sender, then receiver (it calls into events_ and store_).
+  KvGeometry geometry_;
+  TransportOptions options_;
+  Events events_;
+  std::unique_ptr<TestStore> store_;
+  std::unique_ptr<KvReceiver> receiver_;
+  std::string peer_;
+  std::unique_ptr<KvSender> sender_;
+};
+
+TEST_P(KvTransportTest, MultiLayerTransferArrivesByteExact) {
+  const std::vector<int32_t> blocks = {5, 9, 17, 2, 40};
+  receiver_->Expect(1, 0, blocks);
+  // Layers out of order, and layer 1 split over two frames.
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 2, blocks, 11).ok());
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 0, blocks, 11).ok());
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 1, {17, 5}, 11).ok());
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 1, {2, 40, 9}, 11).ok());
+  ASSERT_TRUE(FinishAndWait(*sender_, peer_, 1, 0).ok());
+  ASSERT_TRUE(events_.WaitReady(1, 0));
+  for (int layer = 0; layer < geometry_.num_layers; ++layer) {
+    EXPECT_TRUE(LayerMatches(*store_, 11, layer, blocks)) << "layer " << layer;
+  }
+  // A second finish for the same transfer is a late frame, not a second on_ready.
+  ASSERT_TRUE(FinishAndWait(*sender_, peer_, 1, 0).ok());
+  RunGoodTransfer(2, {100, 101}, 12);
+  EXPECT_EQ(events_.ReadyCount(1, 0), 1);
+  EXPECT_EQ(events_.FailedCount(1, 0), 0);
+  std::vector<int32_t> others;
+  for (int32_t b = 0; b < geometry_.num_blocks; ++b) {
+    if (std::find(blocks.begin(), blocks.end(), b) == blocks.end() && b != 100 && b != 101) {
+      others.push_back(b);
+    }
+  }
+  EXPECT_TRUE(BlocksUntouched(others));
+}
+
+TEST_P(KvTransportTest, EmptyAgreementIsReadyOnFinish) {
+  receiver_->Expect(3, 2, {});  // e.g. a full prefix-cache hit: nothing to move
+  ASSERT_TRUE(FinishAndWait(*sender_, peer_, 3, 2).ok());
+  EXPECT_TRUE(events_.WaitReady(3, 2));
+}
+
+TEST_P(KvTransportTest, UnagreedBlockIsRefused) {
+  receiver_->Expect(1, 0, {1, 2});
+  const absl::Status st = SendOneLayer(*sender_, peer_, geometry_, 1, 0, 0, {1, 3}, 21);
+  // TCP can only tell the receiver; inproc runs on the caller's thread and says so.
+  EXPECT_EQ(st.code(), tcp() ? absl::StatusCode::kOk : absl::StatusCode::kInvalidArgument) << st;
+  const auto why = events_.WaitFailed(1, 0);
+  ASSERT_TRUE(why.has_value());
+  EXPECT_NE(why->find("not agreed"), std::string::npos) << *why;
+  EXPECT_TRUE(store_->AllUntouched());
+
+  // The transfer is forgotten: its later frames are dropped, its finish is ignored.
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 1, {1, 2}, 21).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 1, 0).ok());
+  RunGoodTransfer(2, {4, 5}, 22);
+  EXPECT_TRUE(BlocksUntouched({1, 2, 3}));
+  EXPECT_EQ(events_.FailedCount(1, 0), 1);
+  EXPECT_EQ(events_.ReadyCount(1, 0), 0);
+}
+
+TEST_P(KvTransportTest, BadLayerSendsAreRefusedAtTheSender) {
+  receiver_->Expect(1, 0, {1});
+  for (int layer : {-1, 3, 1000}) {
+    const absl::Status st = SendOneLayer(*sender_, peer_, geometry_, 1, 0, layer, {1}, 31);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << "layer " << layer << ": " << st;
+  }
+  // Mismatched spans and a null source.
+  std::vector<std::byte> blk(geometry_.block_bytes());
+  const std::vector<int32_t> two = {1, 2};
+  const std::vector<const std::byte*> one_ptr = {blk.data()};
+  const std::vector<const std::byte*> null_ptrs = {blk.data(), nullptr};
+  KvLayerSend bad{.request_id = 1, .dst_blocks = two, .k_src = one_ptr, .v_src = one_ptr};
+  EXPECT_EQ(sender_->SendLayer(peer_, bad).code(), absl::StatusCode::kInvalidArgument);
+  bad.k_src = null_ptrs;
+  bad.v_src = null_ptrs;
+  EXPECT_EQ(sender_->SendLayer(peer_, bad).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(store_->AllUntouched());
+  EXPECT_EQ(events_.FailedCount(1, 0), 0);  // nothing reached the receiver
+}
+
+TEST_P(KvTransportTest, UnexpectedRequestIsDiscarded) {
+  // Never expected, and expected under another attempt: both are late frames, not errors.
+  receiver_->Expect(9, 1, {7, 8});
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 8, 0, 0, {1, 2}, 41).ok());
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 9, 0, 0, {7, 8}, 41).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 8, 0).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 9, 0).ok());
+  RunGoodTransfer(10, {20, 21}, 42);
+  EXPECT_TRUE(BlocksUntouched({1, 2, 7, 8}));
+  EXPECT_EQ(events_.FailedCount(8, 0) + events_.FailedCount(9, 0) + events_.FailedCount(9, 1), 0);
+  EXPECT_EQ(events_.ReadyCount(8, 0) + events_.ReadyCount(9, 0) + events_.ReadyCount(9, 1), 0);
+}
+
+TEST_P(KvTransportTest, ForgetMidTransferDiscardsLateFrames) {
+  const std::vector<int32_t> blocks = {4, 5, 6};
+  receiver_->Expect(3, 0, blocks);
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 3, 0, 0, blocks, 51).ok());
+  receiver_->Forget(3, 0);  // cancelled: once this returns nothing more lands for it
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 3, 0, 1, blocks, 51).ok());
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 3, 0, 2, blocks, 51).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 3, 0).ok());
+  RunGoodTransfer(4, {30, 31}, 52);
+  EXPECT_TRUE(BlocksUntouched(blocks, /*first_layer=*/1));
+  EXPECT_EQ(events_.ReadyCount(3, 0), 0);
+  EXPECT_EQ(events_.FailedCount(3, 0), 0);
+}
+
+TEST_P(KvTransportTest, IncompleteTransferFailsOnFinish) {
+  receiver_->Expect(5, 0, {1, 2, 3});
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 5, 0, 0, {1, 2, 3}, 61).ok());
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 5, 0, 1, {1, 2}, 61).ok());
+  ASSERT_TRUE(FinishAndWait(*sender_, peer_, 5, 0).ok());
+  const auto why = events_.WaitFailed(5, 0);
+  ASSERT_TRUE(why.has_value());
+  EXPECT_NE(why->find("incomplete"), std::string::npos) << *why;
+  EXPECT_EQ(events_.ReadyCount(5, 0), 0);
+}
+
+TEST_P(KvTransportTest, GeometryMismatchIsRefused) {
+  receiver_->Expect(1, 0, {1});
+  for (auto change :
+       {+[](KvGeometry& g) { g.num_layers = 4; }, +[](KvGeometry& g) { g.head_dim = 16; }}) {
+    TransportOptions bad = options_;
+    change(bad.geometry);
+    std::unique_ptr<KvSender> s = CreateKvSender(bad);
+    const absl::Status st = SendOneLayer(*s, peer_, bad.geometry, 1, 0, 0, {1}, 71);
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+    EXPECT_NE(st.message().find("mismatch"), std::string::npos) << st;
+    EXPECT_FALSE(FinishAndWait(*s, peer_, 1, 0).ok());
+  }
+  EXPECT_TRUE(store_->AllUntouched());
+  RunGoodTransfer(1, {1}, 72);  // the agreement was never touched by the refused senders
+}
+
+TEST_P(KvTransportTest, ReceiverGoneFailsTheSenderAndALaterOneIsReached) {
+  receiver_->Expect(1, 0, {1, 2});
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 1, 0, 0, {1, 2}, 81).ok());
+  const std::string old_peer = peer_;
+  receiver_.reset();  // the peer dies mid-transfer
+  (void)SendOneLayer(*sender_, peer_, geometry_, 1, 0, 1, {1, 2}, 81);  // may fail already
+  const absl::Status st = FinishAndWait(*sender_, peer_, 1, 0);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.code(), absl::StatusCode::kDeadlineExceeded) << "hung: " << st;
+
+  // A receiver back at the same address is reached again (TCP re-dials).
+  int port = 0;
+  if (tcp()) port = std::stoi(old_peer.substr(old_peer.rfind(':') + 1));
+  store_ = std::make_unique<TestStore>(geometry_);
+  if (tcp()) {
+    receiver_ = MakeReceiver(*store_, port);
+  } else {
+    auto r = CreateKvReceiver(old_peer, options_, *store_, events_.Callbacks());
+    ASSERT_TRUE(r.ok()) << r.status();
+    receiver_ = std::move(*r);
+  }
+  ASSERT_NE(receiver_, nullptr);
+  ASSERT_EQ(receiver_->address(), old_peer);
+  RunGoodTransfer(2, {3, 4}, 82);
+}
+
+TEST_P(KvTransportTest, TinyQueueStillDeliversEverything) {
+  options_.max_queued_bytes_per_peer = 1;  // every frame waits for the one before it
+  sender_ = CreateKvSender(options_);
+  for (uint64_t r = 1; r <= 5; ++r) RunGoodTransfer(r, {static_cast<int32_t>(r), 200}, 90 + r);
+}
+
+TEST_P(KvTransportTest, ManyConcurrentTransfersFromTwoThreads) {
+  constexpr int kPerThread = 100;
+  constexpr int kBlocksPer = 4;
+  std::atomic<int> done_ok{0}, done_err{0};
+  auto run = [&](int t) {
+    std::mt19937 rng(1234 + t);
+    for (int i = 0; i < kPerThread; ++i) {
+      const uint64_t req = 1000u * (t + 1) + i;
+      const int base = (t * kPerThread + i) * kBlocksPer;
+      std::vector<int32_t> blocks = {base + 3, base, base + 2, base + 1};
+      receiver_->Expect(req, 0, blocks);
+      std::vector<int> layers = {0, 1, 2};
+      std::shuffle(layers.begin(), layers.end(), rng);
+      for (int layer : layers) {
+        ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, req, 0, layer, blocks, req).ok());
+      }
+      sender_->Finish(peer_, req, 0, [&](absl::Status s) { (s.ok() ? done_ok : done_err)++; });
+    }
+  };
+  std::thread a(run, 0), b(run, 1);
+  a.join();
+  b.join();
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < kPerThread; ++i) {
+      const uint64_t req = 1000u * (t + 1) + i;
+      ASSERT_TRUE(events_.WaitReady(req, 0)) << req;
+      const int base = (t * kPerThread + i) * kBlocksPer;
+      for (int layer = 0; layer < 3; ++layer) {
+        EXPECT_TRUE(LayerMatches(*store_, req, layer, {base, base + 1, base + 2, base + 3})) << req;
+      }
+    }
+  }
+  EXPECT_EQ(events_.TotalReady(), 2 * kPerThread);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (done_ok + done_err < 2 * kPerThread && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  EXPECT_EQ(done_ok.load(), 2 * kPerThread);
+  EXPECT_EQ(done_err.load(), 0);
+  sender_.reset();  // its callbacks point at this frame's counters
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, KvTransportTest,
+                         ::testing::Values(Backend::kTcp, Backend::kInproc), [](const auto& info) {
+                           return info.param == Backend::kTcp ? "Tcp" : "Inproc";
+                         });
+
+}  // namespace
+}  // namespace cleave::transport
