@@ -49,6 +49,9 @@ PD = [dict(role="prefill", replicas=1, kv_blocks=512, threads=1),
       dict(role="decode", replicas=1, kv_blocks=1024, threads=1)]
 PD2 = [dict(role="prefill", replicas=2, kv_blocks=512, threads=1),
        dict(role="decode", replicas=2, kv_blocks=1024, threads=1)]
+# Decode pools that hold two long requests each, so requests queue on the decode side.
+PD2_TIGHT = [dict(role="prefill", replicas=2, kv_blocks=512, threads=1),
+             dict(role="decode", replicas=2, kv_blocks=64, threads=1)]
 COLOCATED = [dict(role="colocated", replicas=1, kv_blocks=1024, threads=1)]
 
 
