@@ -10,6 +10,16 @@
 //   decode:  one work item = (sequence, KV head, partition of the KV range); partial states of a
 //            sequence's partitions are merged exactly afterwards (flash-decoding).
 //
+// Batch invariance: a query's output is bitwise the same from either kernel, in any chunking of
+// its sequence's prefill, beside any other sequences, on any thread count. Both kernels cut the
+// KV range the same way, by absolute position and never by batch, tile or thread: partitions of
+// kDecodePartition positions at multiples of kDecodePartition, each walked in chunks of kKvChunk
+// at multiples of kKvChunk with the same per-row online-softmax step (rows are independent; a
+// position a row cannot see is skipped for that row). Each partition's state starts afresh and
+// the partitions are folded in position order by FoldPartition, in prefill tiles as in decode.
+// AttendRange and FoldPartition are single out-of-line copies so both kernels run the very same
+// machine code for them.
+//
 // Every index the kernels follow (query_start_loc, seq_lens, block ids, slots) is checked on the
 // host before any memory is read or written, so a bad batch fails with InvalidArgument and leaves
 // `out` and the caches untouched.
@@ -51,9 +61,12 @@ constexpr int64_t kKvChunk = 32;
 // Query vectors (tokens x heads of one GQA group) per prefill work item: enough to amortise each
 // K/V chunk over many queries, few enough that their accumulators (64 * Dh floats) stay in L2.
 constexpr int64_t kTileRows = 64;
-// KV positions per decode partition. Fixed rather than derived from the thread count so that a
-// result does not depend on the machine it was computed on.
+// KV positions per partition (a multiple of kKvChunk). Decode splits a long context into
+// partitions that run in parallel; prefill folds the same partitions so that its result is the
+// same. Fixed, rather than derived from the thread count or the batch, so that a result depends
+// on nothing but the sequence.
 constexpr int64_t kDecodePartition = 256;
+static_assert(kDecodePartition % kKvChunk == 0, "partitions must hold whole chunks");
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -201,6 +214,9 @@ struct Scratch {
     grow(m, max_rows);
     grow(l, max_rows);
     grow(acc, max_rows * head_dim);
+    grow(merged_m, max_rows);
+    grow(merged_l, max_rows);
+    grow(merged_acc, max_rows * head_dim);
   }
   std::vector<const float*> k_rows, v_rows;  // [kKvChunk] the chunk's positions
   std::vector<float> scores;                 // [rows, kKvChunk] scores, then probabilities
@@ -208,6 +224,7 @@ struct Scratch {
   std::vector<const float*> q;
   std::vector<int64_t> pos, kv_offset;
   std::vector<float> m, l, acc;
+  std::vector<float> merged_m, merged_l, merged_acc;  // prefill: partitions folded so far
 };
 
 // The passes over one chunk of n positions below walk it four positions at a time and, for each
@@ -292,18 +309,24 @@ void AccumulateChunk(const QueryRows& rows, const float* const* v, int64_t n, in
 
 // Attends every row of `rows` to the positions in [lo, hi) it may see: p <= pos[r] (causal) and,
 // with a window, p > pos[r] - window. Rows outside a chunk's reach skip it without reading it.
-void AttendRange(const KvSeqView& kv, int64_t lo, int64_t hi, int64_t window, int64_t dh,
-                 float scale, const QueryRows& rows, Scratch& s) {
-  for (int64_t c0 = lo; c0 < hi; c0 += kKvChunk) {
+// Chunks are [c, c + kKvChunk) for c a multiple of kKvChunk (clipped to [lo, hi)), so a row meets
+// the same chunks, quads and masks whatever range a caller hands in, as long as the range covers
+// what the row sees of it. Out of line: one copy of the arithmetic for both kernels.
+__attribute__((noinline)) void AttendRange(const KvSeqView& kv, int64_t lo, int64_t hi,
+                                           int64_t window, int64_t dh, float scale,
+                                           const QueryRows& rows, Scratch& s) {
+  for (int64_t c0 = lo / kKvChunk * kKvChunk; c0 < hi; c0 += kKvChunk) {
     const int64_t c1 = std::min(hi, c0 + kKvChunk);
-    for (int64_t p = c0; p < c1; ++p) {
+    // Positions before lo are seen by no row (and may sit in unchecked blocks): never touched.
+    for (int64_t p = std::max(c0, lo); p < c1; ++p) {
       const int64_t offset =
           kv.blocks[p / kv.block_size] * kv.block_stride + (p % kv.block_size) * kv.position_stride;
       s.k_rows[p - c0] = kv.k + offset;
       s.v_rows[p - c0] = kv.v + offset;
     }
     for (int64_t r = 0; r < rows.rows; ++r) {
-      const int64_t first = window > 0 ? std::max(c0, rows.pos[r] - window + 1) : c0;
+      const int64_t first =
+          std::max(std::max(c0, lo), window > 0 ? rows.pos[r] - window + 1 : int64_t{0});
       s.first[r] = first - c0;
       s.last[r] = std::max(first, std::min(c1, rows.pos[r] + 1)) - c0;
     }
@@ -312,6 +335,30 @@ void AttendRange(const KvSeqView& kv, int64_t lo, int64_t hi, int64_t window, in
     AccumulateChunk(rows, s.v_rows.data(), c1 - c0, dh, s);
   }
 }
+
+// Folds one partition's state of a row (m_i, l_i, acc_i: max, sum, unnormalised output, as
+// AttendRange leaves them) into the row's running state (m, l, acc) over the partitions before
+// it. A partition the row saw nothing of (m_i = -inf) leaves the state as it was, bit for bit; the
+// first one it saw is copied. Out of line: decode and prefill fold with the same machine code.
+__attribute__((noinline)) void FoldPartition(float m_i, float l_i, const float* acc_i, int64_t dh,
+                                             float& m, float& l, float* acc) {
+  if (m_i == kNegInf) return;
+  if (m == kNegInf) {
+    m = m_i;
+    l = l_i;
+    std::copy(acc_i, acc_i + dh, acc);
+    return;
+  }
+  const float m_new = std::max(m, m_i);
+  const float a = std::exp(m - m_new), b = std::exp(m_i - m_new);
+  l = l * a + l_i * b;
+  for (int64_t d = 0; d < dh; ++d) acc[d] = acc[d] * a + acc_i[d] * b;
+  m = m_new;
+}
+
+// Partitions [first, last] (indices of kDecodePartition-sized ranges) that [lo, hi) touches.
+inline int64_t FirstPartition(int64_t lo) { return lo / kDecodePartition; }
+inline int64_t LastPartition(int64_t hi) { return (hi - 1) / kDecodePartition; }
 
 void ResetState(const QueryRows& rows, int64_t dh) {
   std::fill(rows.m, rows.m + rows.rows, kNegInf);
@@ -407,12 +454,34 @@ void RunPrefillTile(const AttentionPlan& p, const PrefillTile& tile, Scratch& s)
       s.kv_offset[r] = tile.kv_head * dh;
     }
   }
-  ResetState(rows, dh);
-  AttendRange(MakeKvSeqView(p, tile.seq), p.first_visible(start_pos + tile.first_token),
-              start_pos + tile.last_token, p.window, dh, p.scale, rows, s);
+  // Partition by partition, as decode splits the same positions; a tile within one partition
+  // (every tile of a context up to kDecodePartition) needs no folding.
+  const KvSeqView kv = MakeKvSeqView(p, tile.seq);
+  const int64_t lo = p.first_visible(start_pos + tile.first_token);
+  const int64_t hi = start_pos + tile.last_token;
+  const int64_t first_part = FirstPartition(lo), last_part = LastPartition(hi);
+  const float* l = rows.l;
+  const float* acc = rows.acc;
+  if (first_part < last_part) {
+    std::fill(s.merged_m.begin(), s.merged_m.begin() + rows.rows, kNegInf);
+    std::fill(s.merged_l.begin(), s.merged_l.begin() + rows.rows, 0.0f);
+    std::fill(s.merged_acc.begin(), s.merged_acc.begin() + rows.rows * dh, 0.0f);
+    l = s.merged_l.data();
+    acc = s.merged_acc.data();
+  }
+  for (int64_t part = first_part; part <= last_part; ++part) {
+    ResetState(rows, dh);
+    AttendRange(kv, std::max(lo, part * kDecodePartition),
+                std::min(hi, (part + 1) * kDecodePartition), p.window, dh, p.scale, rows, s);
+    if (first_part == last_part) break;
+    for (int64_t r = 0; r < rows.rows; ++r) {
+      FoldPartition(rows.m[r], rows.l[r], rows.acc + r * dh, dh, s.merged_m[r], s.merged_l[r],
+                    s.merged_acc.data() + r * dh);
+    }
+  }
   for (int64_t r = 0; r < rows.rows; ++r) {
     const int64_t t = tile.first_token + r / g, head = tile.kv_head * g + r % g;
-    WriteNormalised(rows.acc + r * dh, rows.l[r], dh,
+    WriteNormalised(acc + r * dh, l[r], dh,
                     p.out + (row0 + t) * p.out_token_stride + head * p.out_head_stride);
   }
 }
@@ -421,20 +490,24 @@ void RunPrefillTile(const AttentionPlan& p, const PrefillTile& tile, Scratch& s)
 // Decode.
 
 struct DecodeSplit {
+  std::vector<int64_t> first_part;  // [B] first partition of sequence b's visible KV range
   std::vector<int64_t> parts;       // [B] partitions of sequence b's visible KV range
   std::vector<int64_t> state_base;  // [B] first partial-state slot of b (used when parts > 1)
   int64_t num_states = 0;           // partial-state slots in all, each holding Hq heads
 };
 
-// The visible range of a decode query at position seq_len - 1, cut into kDecodePartition pieces.
-// Sequences with one partition write `out` directly and need no partial state.
+// The visible range of a decode query at position seq_len - 1, cut at multiples of
+// kDecodePartition (the same cuts prefill folds). Sequences with one partition write `out`
+// directly and need no partial state.
 DecodeSplit SplitDecode(const AttentionPlan& p) {
   DecodeSplit split;
+  split.first_part.resize(p.num_seqs);
   split.parts.resize(p.num_seqs);
   split.state_base.resize(p.num_seqs);
   for (int64_t b = 0; b < p.num_seqs; ++b) {
     const int64_t hi = p.seq_lens[b], lo = p.first_visible(hi - 1);
-    split.parts[b] = (hi - lo + kDecodePartition - 1) / kDecodePartition;
+    split.first_part[b] = FirstPartition(lo);
+    split.parts[b] = LastPartition(hi) - split.first_part[b] + 1;
     split.state_base[b] = split.num_states;
     if (split.parts[b] > 1) split.num_states += split.parts[b];
   }
@@ -446,25 +519,18 @@ struct PartialStates {
   std::vector<float> m, l, acc;  // [num_states * Hq], same, [num_states * Hq * Dh]
 };
 
-// out = sum_i acc_i e^(m_i - M) / sum_i l_i e^(m_i - M), M = max_i m_i: the exact softmax over
-// the union of the partitions, as OnlineSoftmaxState::Merge computes it pairwise.
+// Folds the partitions of one head of a split sequence in position order (as a prefill tile does)
+// and writes the normalised output.
 void MergePartitions(const AttentionPlan& p, const PartialStates& st, int64_t first_slot,
-                     int64_t parts, int64_t head, float* out) {
+                     int64_t parts, int64_t head, float* merged_acc, float* out) {
   const int64_t dh = p.head_dim;
-  float m_max = kNegInf;
-  for (int64_t i = 0; i < parts; ++i) {
-    m_max = std::max(m_max, st.m[(first_slot + i) * p.num_q_heads + head]);
-  }
-  float l_total = 0.0f;
-  std::fill(out, out + dh, 0.0f);
+  float m = kNegInf, l = 0.0f;
+  std::fill(merged_acc, merged_acc + dh, 0.0f);
   for (int64_t i = 0; i < parts; ++i) {
     const int64_t idx = (first_slot + i) * p.num_q_heads + head;
-    const float w = st.m[idx] == kNegInf ? 0.0f : std::exp(st.m[idx] - m_max);
-    l_total += st.l[idx] * w;
-    const float* __restrict acc = st.acc.data() + idx * dh;
-    for (int64_t d = 0; d < dh; ++d) out[d] += w * acc[d];
+    FoldPartition(st.m[idx], st.l[idx], st.acc.data() + idx * dh, dh, m, l, merged_acc);
   }
-  ScaleRow(out, l_total > 0.0f ? 1.0f / l_total : 0.0f, dh);
+  WriteNormalised(merged_acc, l, dh, out);
 }
 
 // One decode work item: KV heads [first_head, last_head) of one partition of one sequence.
@@ -501,8 +567,9 @@ void RunDecodeItem(const AttentionPlan& p, const DecodeSplit& split, PartialStat
                    const DecodeItem& item, Scratch& s) {
   const int64_t dh = p.head_dim, g = p.group, seq = item.seq;
   const int64_t pos = p.seq_lens[seq] - 1;
-  const int64_t lo = p.first_visible(pos) + item.part * kDecodePartition;
-  const int64_t hi = std::min<int64_t>(p.seq_lens[seq], lo + kDecodePartition);
+  const int64_t part = split.first_part[seq] + item.part;
+  const int64_t lo = std::max(p.first_visible(pos), part * kDecodePartition);
+  const int64_t hi = std::min<int64_t>(p.seq_lens[seq], (part + 1) * kDecodePartition);
   const int64_t first_q_head = item.first_head * g;
   const int64_t num_rows = (item.last_head - item.first_head) * g;
   const bool split_seq = split.parts[seq] > 1;
@@ -603,10 +670,12 @@ absl::Status PagedAttentionDecode(const PagedAttentionArgs& args, Stream* stream
   if (split.num_states == 0) return absl::OkStatus();
 
   cpu::ParallelFor(p.num_seqs * p.num_q_heads, 8, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> merged;
+    if (static_cast<int64_t>(merged.size()) < p.head_dim) merged.resize(p.head_dim);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / p.num_q_heads, head = i % p.num_q_heads;
       if (split.parts[b] <= 1) continue;
-      MergePartitions(p, st, split.state_base[b], split.parts[b], head,
+      MergePartitions(p, st, split.state_base[b], split.parts[b], head, merged.data(),
                       p.out + b * p.out_token_stride + head * p.out_head_stride);
     }
   });

@@ -1,25 +1,38 @@
-// CPU Linear: OpenBLAS sgemm for f32 weights; for bf16/f16 weights either a hand-vectorised
-// GEMV that widens weights in registers (few activation rows: decode is bound by reading the
-// weights once) or panel-wise widening into an f32 scratch followed by sgemm (many rows: prefill
-// is bound by FLOPs, which sgemm does far better than any loop here).
+// CPU Linear. In batch-invariant mode (the default, see gemm.h) every call goes to the one
+// kernel of linear_invariant.cc. Otherwise, the fast paths: OpenBLAS sgemm for f32 weights; for
+// bf16/f16 weights either a hand-vectorised GEMV that widens weights in registers (few activation
+// rows: decode is bound by reading the weights once) or panel-wise widening into an f32 scratch
+// followed by sgemm (many rows: prefill is bound by FLOPs, which sgemm does better). These pick a
+// different reduction order by the number of rows, so a row's result depends on its batch.
 #include "cleave/kernels/gemm.h"
 
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "linear_params.h"
 #include "parallel.h"
 #include "simd.h"
 
 namespace cleave::kernels {
 namespace {
+
+using cpu::LinearParams;
+using cpu::WElem;
+using cpu::WidenOne;
+#if CLEAVE_CPU_AVX2
+using cpu::LoadW8;
+#endif
+
+// SetBatchInvariant(); read once per Linear call.
+std::atomic<bool> g_batch_invariant{true};
 
 // Up to this many activation rows the 16-bit weights are streamed through the GEMV kernel; each
 // weight row is widened once and reused from L1 for every activation row. Above it the panel
@@ -40,46 +53,6 @@ int64_t PanelRows(int64_t m, int64_t k) {
   const int64_t kk = std::max<int64_t>(k, 1);
   const int64_t rows = std::min(std::max(kMinFloats / kk, 2 * m), kMaxFloats / kk);
   return std::max<int64_t>(16, rows / 16 * 16);
-}
-
-// Plain-pointer view of one Linear call, fixed after the host wrapper's checks.
-struct LinearParams {
-  const float* x;  // [m, k], row stride ldx
-  const void* w;   // [n, k] contiguous, dtype w_dtype
-  DType w_dtype;
-  const float* bias;  // [n] or nullptr
-  float* y;           // [m, n], row stride ldy
-  int64_t m, n, k, ldx, ldy;
-};
-
-// Element type of a weight row: f32 weights are read as is, 16-bit ones widened in registers.
-template <DType W>
-using WElem = std::conditional_t<W == DType::kF32, float, uint16_t>;
-
-#if CLEAVE_CPU_AVX2
-
-template <DType W>
-inline __m256 LoadW8(const WElem<W>* p) {
-  if constexpr (W == DType::kF32) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (W == DType::kBF16) {
-    return cpu::LoadBf16x8(p);
-  } else {
-    return cpu::LoadF16x8(p);
-  }
-}
-
-#endif
-
-template <DType W>
-inline float WidenOne(WElem<W> v) {
-  if constexpr (W == DType::kF32) {
-    return v;
-  } else if constexpr (W == DType::kBF16) {
-    return Bf16ToF32(v);
-  } else {
-    return F16ToF32(v);
-  }
 }
 
 // out[i][r] = dot(x[i], w[r]) for MT activation rows and R weight rows. MT * R accumulators
@@ -265,6 +238,10 @@ absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
     }
     return absl::OkStatus();
   }
+  if (g_batch_invariant.load(std::memory_order_relaxed)) {
+    cpu::LinearInvariant(p);
+    return absl::OkStatus();
+  }
   if (p.w_dtype == DType::kF32) {
     // Small f32 products take our GEMV: OpenBLAS threads sgemv from ~9K multiply-adds on, and
     // waking its workers costs more than a small model's whole projection.
@@ -284,5 +261,9 @@ absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor
   }
   return absl::OkStatus();
 }
+
+void SetBatchInvariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
+
+bool BatchInvariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
 
 }  // namespace cleave::kernels

@@ -240,8 +240,9 @@ TEST(PagedAttention, PrefillMatchesReference) {
   }
 }
 
-// Decode against the reference, and against prefill on the same q_len = 1 batch. The long
-// contexts (> 256 positions) are split into partitions whose states are merged.
+// Decode against the reference, and against prefill on the same q_len = 1 batch, which must agree
+// bitwise (batch invariance). The long contexts (> 256 positions) are split into partitions
+// whose states are merged.
 TEST(PagedAttention, DecodeMatchesReferenceAndPrefill) {
   const std::vector<Case> cases = {
       DecodeCase("decode", {0, 16, 99, 2999}, 8, 2, 64, 16),
@@ -267,7 +268,63 @@ TEST(PagedAttention, DecodeMatchesReferenceAndPrefill) {
     ASSERT_TRUE(st.ok()) << st;
     const double diff = MaxAbsErr(decoded, pb.out);
     Report("decode_vs_prefill", c, diff);
-    EXPECT_LT(diff, kAtol);
+    EXPECT_EQ(std::memcmp(decoded.data(), pb.out.data(), decoded.size() * sizeof(float)), 0)
+        << "decode and prefill differ, max abs " << diff;
+  }
+}
+
+// Rows [t0, t1) of sequence 0 of `pb` (whose new tokens start at position 0) as a pass of their
+// own over KV length t1: a prefill chunk, or (t1 = t0 + 1) a decode step.
+std::vector<float> RunRows(PagedBatch& pb, int t0, int t1, bool decode) {
+  const Case& c = pb.c;
+  const size_t row = static_cast<size_t>(c.hq) * c.dh;
+  std::vector<int32_t> qsl = {0, t1 - t0}, lens = {t1};
+  std::vector<float> out((t1 - t0) * row, kNaN);
+  PagedAttentionArgs a = pb.Args();
+  a.q = Tensor(pb.q.data() + t0 * row, DType::kF32, {t1 - t0, c.hq, c.dh});
+  a.query_start_loc = Tensor(qsl.data(), DType::kI32, {2});
+  a.seq_lens = Tensor(lens.data(), DType::kI32, {1});
+  a.block_tables = Tensor(pb.block_tables.data(), DType::kI32, {1, pb.max_blocks});
+  a.out = Tensor(out.data(), DType::kF32, {t1 - t0, c.hq, c.dh});
+  const absl::Status st = decode ? PagedAttentionDecode(a) : PagedAttentionPrefill(a);
+  EXPECT_TRUE(st.ok()) << st;
+  return out;
+}
+
+// Batch invariance: a query's output is bitwise the same whether its sequence is prefilled in one
+// pass beside another sequence, in chunks of any size alone, or decoded one position at a time,
+// on any thread count; contexts cross several 256-position partitions, with and without windows.
+TEST(PagedAttention, ChunkingDecodeAndBatchDoNotChangeAQuerysOutput) {
+  std::mt19937 rng(kSeed + 9);
+  const std::vector<Case> cases = {
+      {"invariance", {{0, 600}, {0, 37}}, 8, 2, 64, 16},
+      {"invariance_window", {{0, 600}, {0, 300}}, 4, 1, 64, 16, 100},
+      {"invariance_window_small_dh", {{0, 530}, {0, 5}}, 8, 4, 8, 1, 7},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(Describe(c));
+    PagedBatch pb = MakeBatch(c, rng);
+    ASSERT_TRUE(PagedAttentionPrefill(pb.Args()).ok());
+    EXPECT_LT(MaxAbsErr(pb.out, Reference(pb)), kAtol);
+    const int len = c.seqs[0].q_len;
+    const size_t row = static_cast<size_t>(c.hq) * c.dh;
+    for (int threads : {1, 3}) {
+      SetCpuThreads(threads);
+      for (int chunk : {1, 7, 32, 100, 257}) {
+        for (int t0 = 0; t0 < len; t0 += chunk) {
+          const int t1 = std::min(len, t0 + chunk);
+          for (bool decode : {false, true}) {
+            if (decode && t1 - t0 != 1) continue;
+            const std::vector<float> got = RunRows(pb, t0, t1, decode);
+            ASSERT_EQ(std::memcmp(got.data(), pb.out.data() + t0 * row, got.size() * sizeof(float)),
+                      0)
+                << (decode ? "decode" : "prefill") << " rows [" << t0 << ", " << t1 << ") with "
+                << threads << " threads differ from the batched prefill";
+          }
+        }
+      }
+    }
+    SetCpuThreads(0);
   }
 }
 

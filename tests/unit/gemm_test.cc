@@ -1,5 +1,7 @@
-// Linear against a double-precision plain loop, for f32/bf16/f16 weights over the decode (GEMV)
-// and prefill (widened panel + sgemm) paths, with strided rows, bias, and argument errors.
+// Linear against a double-precision plain loop, for f32/bf16/f16 weights, in batch-invariant mode
+// (one kernel for every shape) and on the fast paths (GEMV, widened panel + sgemm, OpenBLAS), with
+// strided rows, bias, and argument errors. That a row's result does not depend on the batch is
+// tested bitwise in batch_invariance_test.cc.
 #include "cleave/kernels/gemm.h"
 
 #include <gtest/gtest.h>
@@ -79,24 +81,37 @@ std::string CaseName(const LinearCase& c) {
 
 class LinearTest : public ::testing::TestWithParam<LinearCase> {};
 
+// Runs body(label prefix) in both modes of SetBatchInvariant, then restores the default.
+template <typename F>
+void ForBothModes(F&& body) {
+  for (bool invariant : {true, false}) {
+    SCOPED_TRACE(invariant ? "batch-invariant" : "fast paths");
+    SetBatchInvariant(invariant);
+    body(invariant ? "inv_" : "fast_");
+  }
+  SetBatchInvariant(true);
+}
+
 TEST_P(LinearTest, MatchesReference) {
   const LinearCase c = GetParam();
-  std::mt19937 rng(kSeed + static_cast<uint32_t>(c.m * 131 + c.n * 7 + c.k));
-  std::vector<float> x = RandomFloats(static_cast<size_t>(c.m * c.k), rng);
-  Weights w(c.dtype, RandomFloats(static_cast<size_t>(c.n * c.k), rng));
-  std::vector<float> bias = RandomFloats(static_cast<size_t>(c.n), rng);
-  // NaN everywhere: every output must be written, never accumulated into.
-  std::vector<float> y(static_cast<size_t>(c.m * c.n), std::numeric_limits<float>::quiet_NaN());
+  ForBothModes([&](const std::string& mode) {
+    std::mt19937 rng(kSeed + static_cast<uint32_t>(c.m * 131 + c.n * 7 + c.k));
+    std::vector<float> x = RandomFloats(static_cast<size_t>(c.m * c.k), rng);
+    Weights w(c.dtype, RandomFloats(static_cast<size_t>(c.n * c.k), rng));
+    std::vector<float> bias = RandomFloats(static_cast<size_t>(c.n), rng);
+    // NaN everywhere: every output must be written, never accumulated into.
+    std::vector<float> y(static_cast<size_t>(c.m * c.n), std::numeric_limits<float>::quiet_NaN());
 
-  Tensor xt(x.data(), DType::kF32, {c.m, c.k});
-  Tensor wt = w.View(c.n, c.k);
-  Tensor bt(bias.data(), DType::kF32, {c.n});
-  Tensor yt(y.data(), DType::kF32, {c.m, c.n});
-  ASSERT_TRUE(Linear(xt, wt, c.bias ? &bt : nullptr, yt).ok());
+    Tensor xt(x.data(), DType::kF32, {c.m, c.k});
+    Tensor wt = w.View(c.n, c.k);
+    Tensor bt(bias.data(), DType::kF32, {c.n});
+    Tensor yt(y.data(), DType::kF32, {c.m, c.n});
+    ASSERT_TRUE(Linear(xt, wt, c.bias ? &bt : nullptr, yt).ok());
 
-  const std::vector<double> want =
-      Reference(x, c.k, w.effective, c.bias ? &bias : nullptr, c.m, c.n, c.k);
-  EXPECT_TRUE(AllClose(CaseName(c), y, want, Atol(c.k), kRtol));
+    const std::vector<double> want =
+        Reference(x, c.k, w.effective, c.bias ? &bias : nullptr, c.m, c.n, c.k);
+    EXPECT_TRUE(AllClose(mode + CaseName(c), y, want, Atol(c.k), kRtol));
+  });
 }
 
 std::vector<LinearCase> Cases() {
@@ -124,40 +139,42 @@ INSTANTIATE_TEST_SUITE_P(Shapes, LinearTest, ::testing::ValuesIn(Cases()),
 
 // x and y as column windows of wider buffers (row stride > k / n); the padding must survive.
 TEST(LinearStridedTest, RowStridesRespected) {
-  constexpr float kPad = 12345.0f;
-  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
-    for (int64_t m : {1, 3, 9}) {
-      const int64_t n = 37, k = 45, ldx = 64, ldy = 50;
-      std::mt19937 rng(kSeed + static_cast<uint32_t>(m));
-      std::vector<float> x = RandomFloats(static_cast<size_t>(m * ldx), rng);
-      Weights w(dt, RandomFloats(static_cast<size_t>(n * k), rng));
-      std::vector<float> bias = RandomFloats(static_cast<size_t>(n), rng);
-      std::vector<float> y(static_cast<size_t>(m * ldy), kPad);
+  ForBothModes([](const std::string& mode) {
+    constexpr float kPad = 12345.0f;
+    for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+      for (int64_t m : {1, 3, 9}) {
+        const int64_t n = 37, k = 45, ldx = 64, ldy = 50;
+        std::mt19937 rng(kSeed + static_cast<uint32_t>(m));
+        std::vector<float> x = RandomFloats(static_cast<size_t>(m * ldx), rng);
+        Weights w(dt, RandomFloats(static_cast<size_t>(n * k), rng));
+        std::vector<float> bias = RandomFloats(static_cast<size_t>(n), rng);
+        std::vector<float> y(static_cast<size_t>(m * ldy), kPad);
 
-      Tensor xt = Tensor(x.data(), DType::kF32, {m, ldx}).Narrow(1, 3, k);
-      Tensor yt = Tensor(y.data(), DType::kF32, {m, ldy}).Narrow(1, 5, n);
-      Tensor wt = w.View(n, k);
-      Tensor bt(bias.data(), DType::kF32, {n});
-      ASSERT_TRUE(Linear(xt, wt, &bt, yt).ok());
+        Tensor xt = Tensor(x.data(), DType::kF32, {m, ldx}).Narrow(1, 3, k);
+        Tensor yt = Tensor(y.data(), DType::kF32, {m, ldy}).Narrow(1, 5, n);
+        Tensor wt = w.View(n, k);
+        Tensor bt(bias.data(), DType::kF32, {n});
+        ASSERT_TRUE(Linear(xt, wt, &bt, yt).ok());
 
-      std::vector<float> x_packed(static_cast<size_t>(m * k));
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < k; ++j) x_packed[i * k + j] = x[i * ldx + 3 + j];
-      const std::vector<double> want = Reference(x_packed, k, w.effective, &bias, m, n, k);
-      std::vector<float> got(static_cast<size_t>(m * n));
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t j = 0; j < ldy; ++j) {
-          if (j >= 5 && j < 5 + n) {
-            got[i * n + j - 5] = y[i * ldy + j];
-          } else {
-            ASSERT_EQ(y[i * ldy + j], kPad) << "padding overwritten at row " << i << " col " << j;
+        std::vector<float> x_packed(static_cast<size_t>(m * k));
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < k; ++j) x_packed[i * k + j] = x[i * ldx + 3 + j];
+        const std::vector<double> want = Reference(x_packed, k, w.effective, &bias, m, n, k);
+        std::vector<float> got(static_cast<size_t>(m * n));
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < ldy; ++j) {
+            if (j >= 5 && j < 5 + n) {
+              got[i * n + j - 5] = y[i * ldy + j];
+            } else {
+              ASSERT_EQ(y[i * ldy + j], kPad) << "padding overwritten at row " << i << " col " << j;
+            }
           }
         }
+        EXPECT_TRUE(AllClose(absl::StrCat(mode, "strided_m", m, "_", std::string(DTypeName(dt))),
+                             got, want, Atol(k), kRtol));
       }
-      EXPECT_TRUE(AllClose(absl::StrCat("strided_m", m, "_", std::string(DTypeName(dt))), got, want,
-                           Atol(k), kRtol));
     }
-  }
+  });
 }
 
 TEST(LinearEdgeTest, EmptyReductionGivesBias) {
