@@ -7,13 +7,15 @@ find_package(CLI11 REQUIRED)
 find_package(GTest REQUIRED)
 find_package(benchmark REQUIRED)
 pkg_check_modules(OPENBLAS REQUIRED IMPORTED_TARGET openblas)
-pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 
-# Serving: gRPC + Protobuf (control plane and public gRPC API), Boost.Beast (async HTTP, header-only
-# over Boost.Asio), yaml-cpp (configs). Not needed by fuzz builds, which skip the services.
+# Protobuf: the model library reads SentencePiece .model files (serialized protos) with generated
+# classes, so every build needs it, fuzz builds included.
+find_package(Protobuf REQUIRED)
+
+# Serving: gRPC (control plane and public gRPC API), Boost.Beast (async HTTP, header-only over
+# Boost.Asio), yaml-cpp (configs). Not needed by fuzz builds, which skip the services.
 if(NOT CLEAVE_FUZZ)
-  find_package(Protobuf REQUIRED)
   find_package(gRPC CONFIG REQUIRED)
   find_package(Boost 1.74 REQUIRED COMPONENTS system)
   find_package(yaml-cpp REQUIRED)

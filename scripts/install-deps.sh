@@ -9,7 +9,7 @@ DEB_PACKAGES=(
   clang-14 libclang-rt-14-dev            # libFuzzer targets
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev
-  libopenblas-dev libsentencepiece-dev libpcre2-dev
+  libopenblas-dev libpcre2-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc   # control plane, gRPC API
   libboost-dev libboost-system-dev libyaml-cpp-dev                         # Beast HTTP, configs
   curl python3 python3-venv                                                # e2e / integration tests

@@ -330,8 +330,6 @@ TEST(PagedAttention, ChunkingDecodeAndBatchDoNotChangeAQuerysOutput) {
 
 // Work is split by thread count (decode items take more or fewer KV heads), but each head's
 // arithmetic is fixed, so results must be bitwise identical for any pool size.
-// DISABLED: SetCpuThreads() after the pool has run work crashes (parallel.cc: workers respawned by
-// Pool::Resize start with seen = 0 != generation_ and run a stale, null fn_). Enable once fixed.
 TEST(PagedAttention, ResultDoesNotDependOnThreadCount) {
   std::mt19937 rng(kSeed + 8);
   const std::vector<Case> cases = {

@@ -1,9 +1,11 @@
-// SentencePieceAdapter: sentencepiece::SentencePieceProcessor behind a header with no Abseil.
+// SentencePieceAdapter: a SentencePiece .model file (tokenizer of Llama-2-era checkpoints), read
+// and run natively with the reference library's behaviour (ids and decoded text identical).
 //
-// Why a separate translation unit: Debian's sentencepiece_processor.h declares
-// `namespace absl { using std::string_view; }`, which collides with Abseil's own
-// absl::string_view class, so no file may include both. Only sentencepiece_adapter.cc includes
-// the sentencepiece header; everything else (status handling included) talks to this class.
+// Why not libsentencepiece: Debian's libsentencepiece.so.0 bundles and exports its own
+// protobuf-lite 3.14, which the dynamic linker interposes with the system libprotobuf gRPC uses
+// (the serving binary crashed at load time). The implementation (model/src/sentencepiece_*.cc)
+// parses the file with protobuf classes generated from model/proto/sentencepiece_model.proto;
+// this header keeps those classes, and everything else, out of the rest of the tree.
 #pragma once
 
 #include <memory>
