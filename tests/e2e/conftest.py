@@ -77,6 +77,14 @@ class Cluster:
         if not ready.wait(60):
             self.stop()
             raise RuntimeError("cleave serve did not become ready:\n" + self.logs())
+        # /ready needs one prefill + one decode worker; tests want every worker of the config.
+        want = sum(w.get("replicas", 1) for w in workers)
+        deadline = time.time() + 30
+        while len(self.kv()["workers"]) < want:
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"only {len(self.kv()['workers'])} of {want} workers registered")
+            time.sleep(0.05)
 
     def logs(self):
         self.log.flush()
