@@ -70,15 +70,28 @@ async def own_loadgen(url, concurrency, requests, isl_words, osl):
                 throughput=sum(r["tokens"] for r in results) / wall)
 
 
+def hf_tokenizer_dir(workdir):
+    """aiperf counts tokens with a Hugging Face tokenizer: the bundled model's SentencePiece file
+    with a tokenizer_config.json, so nothing is fetched from the network."""
+    d = Path(workdir) / "hf-tokenizer"
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.model").write_bytes((ROOT / "models/stories260K/tokenizer.model").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "legacy": True}))
+    return d
+
+
 def aiperf_run(aiperf, url, concurrency, requests, isl, osl, workdir):
     out = Path(workdir) / f"aiperf-c{concurrency}"
     cmd = [aiperf, "profile", "--model", "stories260K", "--url", url, "--endpoint-type", "completions",
            "--streaming", "--concurrency", str(concurrency), "--request-count", str(requests),
-           "--isl", str(isl), "--osl", str(osl), "--tokenizer", "builtin", "--use-server-token-count",
+           "--isl", str(isl), "--osl", str(osl), "--tokenizer", str(hf_tokenizer_dir(workdir)),
+           "--use-server-token-count",
            "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0",
            "--artifact-dir", str(out), "--ui-type", "none", "--random-seed", "7"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=1800)
-    data = json.loads(next(out.rglob("*aiperf*.json")).read_text())
+    data = json.loads((out / "profile_export_aiperf.json").read_text())
 
     def avg(name):
         m = data.get(name) or data.get("records", {}).get(name, {})
@@ -104,7 +117,7 @@ def main():
             cluster = Cluster(Path(tmp) / mode, workers, max_waiting=4096)
             try:
                 for c in levels:
-                    n = max(args.requests, c)
+                    n = max(args.requests, 4 * c)
                     if args.aiperf:
                         r = aiperf_run(args.aiperf, cluster.url, c, n, args.isl, args.osl, Path(tmp) / mode)
                     else:
