@@ -12,6 +12,8 @@ whitespace, no dummy prefix, whitespace as suffix, character rules (a small cust
 the darts-clone trie reader is exercised without nmt_nfkc's 240 KB table) and a denormalizer.
 goldens.json: for every model, the ids of every test string and the decode of those ids, plus
 the decode of random id sequences (byte runs that are not UTF-8, <unk>, control pieces).
+It also rewrites the seed corpus of tests/fuzz/sentencepiece_model_fuzz.cc
+(tests/fuzz/corpus/sentencepiece_model_fuzz/: these models, tok512, one file per load defect).
 
 Models use the identity normalizer unless they say otherwise: nmt_nfkc's charsmap is 240 KB a
 model, too big to commit. --nfkc DIR writes nmt_nfkc / nfkc_cf variants to DIR instead; run the
