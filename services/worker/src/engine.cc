@@ -120,6 +120,10 @@ void Engine::ApplyDeltas() {
     reset_ = false;
   }
   if (reset) {
+    // The sender keeps a record of every transfer until its Finish.
+    if (options_.role == v1::WORKER_ROLE_PREFILL) {
+      for (auto& [id, seq] : seqs_) sender_->Finish(seq->target, seq->id, seq->attempt, [](absl::Status) {});
+    }
     seqs_.clear();
     order_.clear();
   }
