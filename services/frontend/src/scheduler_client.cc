@@ -52,10 +52,17 @@ struct SchedulerClient::Impl {
   bool stopping = false;
   std::condition_variable cv;
   std::mutex write_mu;  // one writer at a time on the stream
+  // Submissions and cancellations are written by one writer thread, never by the caller: callers
+  // include gRPC callback reactions (OnCancel), and a blocking gRPC write inside a reaction can
+  // deadlock the callback executor. Guarded by mu.
+  std::deque<v1::FrontendMessage> outgoing;
+  std::thread writer;
   // Failures decided without the scheduler (not connected) are delivered from this thread, so a
   // callback never runs inside Submit.
   std::deque<std::pair<Callback, EngineEvent>> deferred;
   std::thread reader, deferrer;
+  bool writer_stopping = false;
+  std::condition_variable out_cv;
   // Ready() caches the scheduler's answer briefly: /ready may be polled hard.
   std::mutex ready_mu;
   std::chrono::steady_clock::time_point ready_checked{};
@@ -78,6 +85,41 @@ struct SchedulerClient::Impl {
       deferred.pop_front();
       lock.unlock();
       cb(ev);
+      lock.lock();
+    }
+  }
+
+  void Enqueue(v1::FrontendMessage m) {
+    {
+      std::lock_guard lock(mu);
+      outgoing.push_back(std::move(m));
+    }
+    out_cv.notify_one();
+  }
+
+  void RunWriter() {
+    std::unique_lock lock(mu);
+    while (true) {
+      out_cv.wait(lock, [&] { return writer_stopping || !outgoing.empty(); });
+      if (outgoing.empty() && writer_stopping) return;
+      std::deque<v1::FrontendMessage> batch;
+      batch.swap(outgoing);
+      lock.unlock();
+      for (const v1::FrontendMessage& m : batch) {
+        if (Write(m) || !m.has_submit()) continue;
+        // Not sent: the request fails here (a lost cancel needs nothing: the stream is gone).
+        Callback cb;
+        {
+          std::lock_guard l(mu);
+          auto it = pending.find(m.submit().client_id());
+          if (it == pending.end()) continue;
+          cb = std::move(it->second);
+          pending.erase(it);
+        }
+        EngineEvent ev;
+        ev.error = absl::UnavailableError("the scheduler is not reachable");
+        Defer(std::move(cb), std::move(ev));
+      }
       lock.lock();
     }
   }
@@ -159,6 +201,7 @@ std::unique_ptr<SchedulerClient> SchedulerClient::Create(const std::string& addr
   Impl* p = impl.get();
   auto client = std::unique_ptr<SchedulerClient>(new SchedulerClient(std::move(impl)));
   p->deferrer = std::thread([p] { p->RunDeferred(); });
+  p->writer = std::thread([p] { p->RunWriter(); });
   p->reader = std::thread([p] { p->RunReader(); });
   return client;
 }
@@ -174,6 +217,12 @@ void SchedulerClient::Shutdown() {
   }
   impl_->cv.notify_all();
   impl_->reader.join();
+  {
+    std::lock_guard lock(impl_->mu);
+    impl_->writer_stopping = true;
+  }
+  impl_->out_cv.notify_all();
+  impl_->writer.join();
   impl_->FailAll("frontend shutting down");
   impl_->deferrer.join();
 }
@@ -183,20 +232,12 @@ uint64_t SchedulerClient::Submit(v1::SubmitRequest request, Callback callback) {
   {
     std::lock_guard lock(impl_->mu);
     id = impl_->next_id++;
-    impl_->pending[id] = callback;
+    impl_->pending[id] = std::move(callback);
   }
   request.set_client_id(id);
   v1::FrontendMessage m;
   *m.mutable_submit() = std::move(request);
-  if (!impl_->Write(m)) {
-    {
-      std::lock_guard lock(impl_->mu);
-      impl_->pending.erase(id);
-    }
-    EngineEvent ev;
-    ev.error = absl::UnavailableError("the scheduler is not reachable");
-    impl_->Defer(std::move(callback), std::move(ev));
-  }
+  impl_->Enqueue(std::move(m));  // an unsendable submission fails from the writer thread
   return id;
 }
 
@@ -208,7 +249,7 @@ void SchedulerClient::Cancel(uint64_t id, bool finished) {
   v1::FrontendMessage m;
   m.mutable_cancel()->set_client_id(id);
   m.mutable_cancel()->set_finished(finished);
-  impl_->Write(m);
+  impl_->Enqueue(std::move(m));
 }
 
 absl::StatusOr<v1::StatsResponse> SchedulerClient::Stats() {
