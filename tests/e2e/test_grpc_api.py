@@ -44,17 +44,19 @@ def test_generate_stream_matches_offline(pd, pb, stub, no_leaks):
 
 
 def test_cancel_mid_stream_frees_blocks(pd, pb, stub, no_leaks):
-    req = pb[0].GenerateRequest(prompt=PROMPT, max_tokens=400, ignore_eos=True,
-                                sampling=pb[0].SamplingOptions(temperature=0))
-    call = stub.Generate(req, timeout=60)
-    got = 0
-    for r in call:
-        got += len(r.tokens)
-        if got >= 5:
-            call.cancel()
-            break
-    assert call.code() == grpc.StatusCode.CANCELLED
-    pd.wait_idle(timeout=5)
+    # Repeated: a cancel once deadlocked the frontend's scheduler stream a few calls in.
+    for _ in range(20):
+        req = pb[0].GenerateRequest(prompt=PROMPT, max_tokens=400, ignore_eos=True,
+                                    sampling=pb[0].SamplingOptions(temperature=0))
+        call = stub.Generate(req, timeout=60)
+        got = 0
+        for r in call:
+            got += len(r.tokens)
+            if got >= 5:
+                call.cancel()
+                break
+        assert call.code() == grpc.StatusCode.CANCELLED
+        pd.wait_idle(timeout=5)
 
 
 def test_invalid_argument_then_served(pd, pb, stub, no_leaks):
