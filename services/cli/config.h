@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,6 +33,8 @@ struct ServeConfig {
 
 // Unknown keys are errors (a typo must not silently fall back to a default).
 absl::StatusOr<ServeConfig> LoadServeConfig(const std::string& path);
+// "HOST:PORT" -> (host, port); InvalidArgument naming the address otherwise.
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);
 // The built-in default: scheduler, one prefill and one decode worker, frontend on :8000.
 ServeConfig DefaultServeConfig();
 

@@ -7,23 +7,6 @@
 #include "cleave/frontend/scheduler_client.h"
 
 namespace cleave::cli {
-namespace {
-
-absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("address '", address, "' is not HOST:PORT"));
-  }
-  const std::string port = address.substr(colon + 1);
-  char* end = nullptr;
-  const long p = std::strtol(port.c_str(), &end, 10);
-  if (port.empty() || *end != '\0' || p < 0 || p > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("bad port in '", address, "'"));
-  }
-  return std::make_pair(address.substr(0, colon), static_cast<int>(p));
-}
-
-}  // namespace
 
 absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
   absl::StatusOr<std::unique_ptr<frontend::FrontendModel>> model = frontend::LoadFrontendModel(o.model_dir);

@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "cleave/common/logging.h"
 #include "cleave/common/shutdown.h"
 #include "commands.h"
@@ -114,6 +113,9 @@ absl::Status RunServe(const std::string& config_path) {
   ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
   absl::StatusOr<ServeConfig> config = config_path.empty() ? DefaultServeConfig() : LoadServeConfig(config_path);
   if (!config.ok()) return config.status();
+  absl::StatusOr<std::pair<std::string, int>> http = SplitHostPort(config->frontend.http);
+  if (!http.ok()) return http.status();
+  const auto& [host, port] = *http;
   const std::string exe = SelfExe();
   const std::string sched_addr = config->scheduler.listen;
   std::vector<Child> children;
@@ -160,9 +162,6 @@ absl::Status RunServe(const std::string& config_path) {
     return s;
   }
 
-  std::vector<std::string> http = absl::StrSplit(config->frontend.http, ':');
-  const std::string host = http.size() == 2 ? http[0] : "127.0.0.1";
-  const int port = http.size() == 2 ? std::atoi(http[1].c_str()) : 8000;
   bool announced = false;
   const auto started = std::chrono::steady_clock::now();
   int exit_status = 0;
