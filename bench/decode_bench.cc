@@ -9,7 +9,7 @@
 
 #include "cleave/kernels/gemm.h"
 #include "cleave/model/generator.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 
 int main(int argc, char** argv) {
   using namespace cleave;
@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
   for (int i = 4; i < argc; ++i) threads.push_back(std::atoi(argv[i]));
   if (threads.empty()) threads = {1, 2};
 
-  auto model = model::LlamaModel::Load(dir);
+  auto model = model::DecoderModel::Load(dir);
   if (!model.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(model.status().message()).c_str());
     return 1;

@@ -7,16 +7,16 @@
 
 #include "benchmark/benchmark.h"
 #include "cleave/kernels/gemm.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 
 namespace {
 
 using namespace cleave;
 
-const model::LlamaModel* Model() {
-  static std::unique_ptr<model::LlamaModel> m = [] {
+const model::DecoderModel* Model() {
+  static std::unique_ptr<model::DecoderModel> m = [] {
     const char* dir = std::getenv("MODEL_DIR");
-    auto r = model::LlamaModel::Load(dir ? dir : "models/stories260K");
+    auto r = model::DecoderModel::Load(dir ? dir : "models/stories260K");
     if (!r.ok()) {
       std::fprintf(stderr, "decode_step_bench: %s\n", std::string(r.status().message()).c_str());
       std::exit(1);
@@ -30,7 +30,7 @@ const model::LlamaModel* Model() {
 void BM_DecodeStep(benchmark::State& state) {
   const int batch = state.range(0), context = state.range(1);
   kernels::SetCpuThreads(state.range(2));
-  const model::LlamaModel& m = *Model();
+  const model::DecoderModel& m = *Model();
   const int block = 16, blocks_per_seq = (context + 1 + block - 1) / block;
   auto cache = model::KvCache::Create(m.config(), batch * blocks_per_seq, block, kernels::CpuBackend());
   model::ForwardBatch fb;

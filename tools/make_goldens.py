@@ -21,7 +21,11 @@ What it writes (see tests/data/golden/README.md for the schema):
                       "greedy_tokens": [32 ids]}, ...], ...metadata...}
     The golden numbers are computed by *reloading the saved directory* with
     from_pretrained(..., dtype=float32, attn_implementation="eager") so they describe exactly
-    the files on disk (for llama_bf16 that means the bf16 weights widened to f32).
+    the files on disk (for llama_bf16 that means the bf16 weights widened to f32). The MoE
+    entries (mixtral, qwen2_moe*, jamba) also pass experts_implementation="eager" (the per-expert
+    loop; transformers 5 defaults to "grouped_mm", which is cross-checked to agree) and record
+    the smallest router top-k boundary gap; the Mamba/Jamba entries run transformers' pure-torch
+    ("slow") selective scan / causal conv1d, since mamba-ssm and causal-conv1d are not used.
   * <out>/stories260k.json: the llama2.c stories260K checkpoint converted in memory (by an
     independent converter in this file) to a HF LlamaForCausalLM; 200 greedy tokens from BOS
     and the logits at the BOS position, plus a "prompts" list in the same schema.
@@ -49,12 +53,20 @@ import numpy as np
 import torch
 import transformers
 from transformers import (
+    JambaConfig,
+    JambaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
 )
 
 MIN_GAP = 5e-3          # required minimum top-2 logit gap over all greedy steps (brief: >= 1e-3)
@@ -66,6 +78,10 @@ ARCH = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "mamba": (MambaConfig, MambaForCausalLM),
+    "jamba": (JambaConfig, JambaForCausalLM),
 }
 
 # Common small shape: vocab 256, hidden 64, 8 query heads / 2 KV heads (head_dim 8).
@@ -106,11 +122,55 @@ SPECS = [
          cfg=dict(tie_word_embeddings=False, rope_theta=10000.0)),
     dict(name="llama_sharded", arch="llama", seed=8000, max_shard_size="200KB",
          cfg=dict(tie_word_embeddings=False, rope_theta=10000.0)),
+    # ---- MoE / state-space families. "moe": load with experts_implementation="eager" and check
+    # the router top-k boundary gap. "base": replaces BASE (Mamba has no attention fields).
+    dict(name="mixtral", arch="mixtral", seed=9000, moe=True,
+         cfg=dict(tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None,
+                  intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+    dict(name="qwen2_moe", arch="qwen2_moe", seed=10000, moe=True,
+         cfg=dict(tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,
+                  num_hidden_layers=3, intermediate_size=128, num_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=48,
+                  shared_expert_intermediate_size=96, norm_topk_prob=False,
+                  decoder_sparse_step=1, mlp_only_layers=[1])),
+    dict(name="qwen2_moe_norm", arch="qwen2_moe", seed=11000, moe=True,
+         cfg=dict(tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False,
+                  num_hidden_layers=2, intermediate_size=128, num_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=48,
+                  shared_expert_intermediate_size=96, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[])),
+    dict(name="mamba", arch="mamba", seed=12000,
+         base=dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, bos_token_id=1,
+                   eos_token_id=2, pad_token_id=0),
+         cfg=dict(state_size=16, conv_kernel=4, expand=2, time_step_rank="auto", use_bias=False,
+                  use_conv_bias=True, residual_in_fp32=True, layer_norm_epsilon=1e-5,
+                  tie_word_embeddings=True)),
+    dict(name="jamba", arch="jamba", seed=13000, moe=True,
+         cfg=dict(tie_word_embeddings=False, num_hidden_layers=4, intermediate_size=96,
+                  pad_token_id=0, attn_layer_period=2, attn_layer_offset=1,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=4,
+                  num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                  mamba_dt_rank=4, mamba_conv_bias=True, mamba_proj_bias=False,
+                  use_mamba_kernels=False)),
 ]
 
 WEIGHT_STD = 0.15    # std of every weight matrix / embedding (large enough for separated logits)
 BIAS_STD = 0.1       # biases are randomised too (HF zero-inits them, which would test nothing)
 NORM_STD = 0.1       # RMSNorm weights = 1 + N(0, NORM_STD^2) so a missing norm weight shows up
+# MoE routers ("...mlp.gate.weight", "...router.weight"): logits ~ N(0, (ROUTER_STD*8)^2) on the
+# RMS-normalised input, so top-k is decisive yet every expert gets tokens.
+ROUTER_STD = 0.3
+ROUTER_MIN_GAP = 1e-3  # required gap between the k-th and (k+1)-th router logit, every token/layer
+# Mamba mixers (HF-like, with noise):
+#   A_log = log(1..state_size) (per row) + A_LOG_STD * z       (so A = -exp(A_log) < 0)
+#   D     = 1 + NORM_STD * z
+#   dt_proj.bias = softplus^-1(dt), dt = exp(U(log 1e-3, log 1e-1)) with U = Phi(z) (normal CDF)
+#   conv1d.weight [C, 1, K] ~ N(0, CONV_STD^2): with only K = 4 taps, 0.15 would shrink the
+#   signal ~3x and leave the SSM path nearly irrelevant (tied Mamba then just echoes its input
+#   token); 0.5 gives ~unit gain, close to HF's kaiming-uniform init (bound 1/sqrt(K) = 0.5).
+A_LOG_STD = 0.1
+CONV_STD = 0.5
+DT_MIN, DT_MAX = 1e-3, 1e-1
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,11 +270,27 @@ def make_prompt_golden(model, prompt: list[int], n: int, label: str):
 # Tiny random models.
 
 def randomize_(model, seed: int) -> None:
+    """One N(0,1) draw of each parameter's shape, in named_parameters() order, then mapped by name.
+    (The Mamba / router rules match no parameter of the Llama/Qwen2/Mistral entries, so those
+    draw and write exactly what they always did.)"""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied lm_head is yielded once (as embed)
             r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if name.endswith(".A_log"):            # [intermediate, state]
+                base = torch.log(torch.arange(1, p.shape[-1] + 1, dtype=torch.float32))
+                p.copy_(base + A_LOG_STD * r)
+            elif name.endswith(".D"):              # [intermediate]
+                p.copy_(1.0 + NORM_STD * r)
+            elif name.endswith("dt_proj.bias"):    # [intermediate]
+                u = 0.5 * (1.0 + torch.erf(r.double() / math.sqrt(2.0)))
+                dt = torch.exp(math.log(DT_MIN) + u * (math.log(DT_MAX) - math.log(DT_MIN)))
+                p.copy_((dt + torch.log(-torch.expm1(-dt))).float())  # inverse softplus
+            elif name.endswith("conv1d.weight"):   # [intermediate, 1, conv_kernel]
+                p.copy_(CONV_STD * r)
+            elif name.endswith(".mlp.gate.weight") or name.endswith(".router.weight"):
+                p.copy_(ROUTER_STD * r)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
                 p.copy_(1.0 + NORM_STD * r)
             elif name.endswith(".bias"):
                 p.copy_(BIAS_STD * r)
@@ -235,10 +311,49 @@ def dir_size(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
 
 
+def _router_modules(model):
+    """(layer index, router module) for every MoE block: Mixtral/Qwen2-MoE `layers.N.mlp.gate`,
+    Jamba `layers.N.feed_forward.router`."""
+    out = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 4 and parts[-4] == "layers" and parts[-2] in ("mlp", "feed_forward") \
+                and parts[-1] in ("gate", "router"):
+            out.append((int(parts[-3]), mod))
+    return out
+
+
+@torch.no_grad()
+def router_stats(model, entries: list[dict], top_k: int, n_experts: int):
+    """Run every full sequence (prompt + greedy tokens but the last) once, capturing each router's
+    logits. Returns (min gap between the k-th and (k+1)-th logit, {layer: per-expert counts})."""
+    routers = _router_modules(model)
+    assert routers, "no router modules found"
+    captured = {}
+    hooks = [mod.register_forward_hook(
+        lambda m, i, o, li=li: captured.setdefault(li, []).append(o[0].detach().float()))
+        for li, mod in routers]
+    try:
+        for e in entries:
+            ids = e["prompt_ids"] + e["greedy_tokens"][:-1]
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    min_gap, counts = float("inf"), {}
+    for li, chunks in sorted(captured.items()):
+        logits = torch.cat([c.reshape(-1, n_experts) for c in chunks])
+        top = torch.topk(logits, top_k + 1, dim=-1)
+        min_gap = min(min_gap, float((top.values[:, top_k - 1] - top.values[:, top_k]).min()))
+        counts[li] = torch.bincount(top.indices[:, :top_k].reshape(-1),
+                                    minlength=n_experts).tolist()
+    return min_gap, counts
+
+
 def build_model(spec: dict, out: Path) -> dict:
     name = spec["name"]
     cfg_cls, model_cls = ARCH[spec["arch"]]
-    kw = dict(BASE)
+    kw = dict(spec.get("base", BASE))
     kw.update(spec["cfg"])
     d = out / name
     for attempt in range(MAX_SEED_TRIES):
@@ -249,7 +364,7 @@ def build_model(spec: dict, out: Path) -> dict:
         model = model_cls(config).eval()
         randomize_(model, seed)
         if config.tie_word_embeddings:
-            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+            assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
         if d.exists():
             shutil.rmtree(d)
@@ -265,9 +380,19 @@ def build_model(spec: dict, out: Path) -> dict:
             gc.unlink()
 
         # Goldens come from the files on disk, widened to f32.
-        m = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+        load_kw = dict(dtype=torch.float32, attn_implementation="eager")
+        if spec.get("moe"):
+            load_kw["experts_implementation"] = "eager"  # the plain per-expert loop
+        m = model_cls.from_pretrained(d, **load_kw).eval()
         assert all(p.dtype == torch.float32 for p in m.parameters())
         assert m.config._attn_implementation == "eager", m.config._attn_implementation
+        if spec.get("moe"):
+            assert m.config._experts_implementation == "eager", m.config._experts_implementation
+        # the files must hold exactly the randomised weights (MoE: after the fused <-> per-expert
+        # renaming transformers applies on save and load)
+        for (n1, p1), (n2, p2) in zip(model.named_parameters(), m.named_parameters()):
+            if "save_dtype" not in spec:
+                assert n1 == n2 and torch.equal(p1, p2), n1
         if "save_dtype" in spec:
             # the reloaded f32 weights must be exactly the bf16 values
             for (n1, p1), (n2, p2) in zip(to_save.named_parameters(), m.named_parameters()):
@@ -284,6 +409,25 @@ def build_model(spec: dict, out: Path) -> dict:
         if min_gap < MIN_GAP:
             print(f"  {name}: seed {seed} min top-2 gap {min_gap:.3g} < {MIN_GAP}; re-seeding")
             continue
+        extra = {}
+        if spec.get("moe"):
+            n_exp = getattr(config, "num_experts", None) or config.num_local_experts
+            r_gap, counts = router_stats(m, entries, config.num_experts_per_tok, n_exp)
+            unused = {li: c for li, c in counts.items() if min(c) == 0}
+            if r_gap < ROUTER_MIN_GAP or unused:
+                print(f"  {name}: seed {seed} router gap {r_gap:.3g} (need {ROUTER_MIN_GAP}), "
+                      f"layers with unused experts {sorted(unused)}; re-seeding")
+                continue
+            grouped = check_grouped_mm(model_cls, d, entries)
+            extra = {
+                "experts_implementation": "eager",
+                "min_router_gap": r_gap,
+                "moe_layers": sorted(counts),
+                "expert_counts": [counts[li] for li in sorted(counts)],
+            }
+            print(f"  {name}: router min top-k boundary gap {r_gap:.4g}; expert counts "
+                  f"{ {li: counts[li] for li in sorted(counts)} }; "
+                  f"eager vs grouped_mm max |dlogit| {grouped:.3g}")
         golden = {
             "model": name,
             "architecture": model_cls.__name__,
@@ -291,6 +435,7 @@ def build_model(spec: dict, out: Path) -> dict:
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__.split("+")[0],
             "min_top2_gap": min_gap,
+            **extra,
             "prompts": entries,
         }
         write_json(d / "golden.json", golden)
@@ -302,6 +447,24 @@ def build_model(spec: dict, out: Path) -> dict:
               f"{info['size']} bytes, files {info['files']}")
         return info
     raise RuntimeError(f"{name}: no seed gave a top-2 gap >= {MIN_GAP}")
+
+
+@torch.no_grad()
+def check_grouped_mm(model_cls, d: Path, entries: list[dict]) -> float:
+    """transformers 5's default experts path ("grouped_mm") must give the same greedy tokens as
+    the eager per-expert loop the goldens use; returns the max |logit difference|."""
+    m = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    assert m.config._experts_implementation == "grouped_mm", m.config._experts_implementation
+    worst = 0.0
+    for e in entries:
+        ids = torch.tensor([e["prompt_ids"] + e["greedy_tokens"]])
+        logits = m(input_ids=ids, use_cache=False).logits[0].float()
+        n = len(e["prompt_ids"])
+        toks = torch.argmax(logits[n - 1:-1], dim=-1).tolist()
+        if toks != e["greedy_tokens"]:
+            raise RuntimeError(f"{d.name}: grouped_mm experts disagree with eager: {toks}")
+        worst = max(worst, float((logits[n - 1] - torch.tensor(e["last_logits"])).abs().max()))
+    return worst
 
 
 @torch.no_grad()

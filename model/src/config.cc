@@ -13,14 +13,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cleave/common/status.h"
+#include "config_fields.h"
 #include "nlohmann/json.hpp"
 
 namespace cleave::model {
 namespace {
 
+using internal::CheckIntValue;
+using internal::Fields;
+using internal::kIntMax;
 using json = nlohmann::json;
 
-constexpr int kIntMax = std::numeric_limits<int>::max();
 // config.json is a few KB; anything this large is not a config and is refused before parsing.
 constexpr uintmax_t kMaxConfigBytes = 16u << 20;
 
@@ -37,12 +40,18 @@ struct ArchSpec {
   int default_max_positions;
   int default_bos;  // -1 = None
   int default_eos;
+  double default_rope_theta;
 };
 
 constexpr ArchSpec kArchs[] = {
-    {Architecture::kLlama, "LlamaForCausalLM", "llama", 0, 2048, 1, 2},
-    {Architecture::kMistral, "MistralForCausalLM", "mistral", 8, 4096 * 32, 1, 2},
-    {Architecture::kQwen2, "Qwen2ForCausalLM", "qwen2", 32, 32768, -1, -1},
+    {Architecture::kLlama, "LlamaForCausalLM", "llama", 0, 2048, 1, 2, 1e4},
+    {Architecture::kMistral, "MistralForCausalLM", "mistral", 8, 4096 * 32, 1, 2, 1e4},
+    {Architecture::kQwen2, "Qwen2ForCausalLM", "qwen2", 32, 32768, -1, -1, 1e4},
+    {Architecture::kMixtral, "MixtralForCausalLM", "mixtral", 8, 4096 * 32, 1, 2, 1e6},
+    {Architecture::kQwen2Moe, "Qwen2MoeForCausalLM", "qwen2_moe", 16, 32768, -1, -1, 1e4},
+    {Architecture::kJamba, "JambaForCausalLM", "jamba", 8, 262144, 1, 2, 1e4},
+    // Mamba has no attention: its shape is parsed by ParseMambaShape, not ParseShape.
+    {Architecture::kMamba, "MambaForCausalLM", "mamba", 0, 0, 0, 0, 1e4},
 };
 
 std::string SupportedArchitectures() {
@@ -50,98 +59,6 @@ std::string SupportedArchitectures() {
   for (const ArchSpec& a : kArchs) absl::StrAppend(&out, out.empty() ? "" : ", ", a.class_name);
   return out;
 }
-
-// Integers only: 4096.0 is a float in JSON and transformers would keep it a float, which
-// breaks its own shape arithmetic, so it is an error here too.
-absl::StatusOr<int> CheckIntValue(const json& v, const std::string& name, int min) {
-  if (!v.is_number_integer()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("field '", name, "' must be an integer, got ", v.type_name()));
-  }
-  // Unsigned values above INT64_MAX would wrap in get<int64_t>(); anything past int is too big.
-  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(kIntMax)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("field '", name, "' is too large: ", v.get<uint64_t>()));
-  }
-  const int64_t x = v.get<int64_t>();
-  if (x < min || x > kIntMax) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("field '", name, "' must be in [", min, ", ", kIntMax, "], got ", x));
-  }
-  return static_cast<int>(x);
-}
-
-// Typed, range-checked access to one JSON object's fields. Errors name the field with its path
-// (`rope_scaling.factor`) so a user can find it in the file. "Absent" and "null" are the same
-// to the optional getters, as they are to transformers, except where noted at the call site.
-class Fields {
- public:
-  Fields(const json& obj, std::string prefix) : obj_(obj), prefix_(std::move(prefix)) {}
-
-  bool Has(const char* key) const { return obj_.contains(key) && !obj_.at(key).is_null(); }
-  bool Present(const char* key) const { return obj_.contains(key); }
-  const json& at(const char* key) const { return obj_.at(key); }
-  std::string Name(const char* key) const { return prefix_ + key; }
-
-  absl::Status Missing(const char* key) const {
-    return absl::InvalidArgumentError(absl::StrCat("field '", Name(key), "' is missing"));
-  }
-  absl::Status WrongType(const char* key, const char* want) const {
-    return absl::InvalidArgumentError(absl::StrCat("field '", Name(key), "' must be ", want,
-                                                   ", got ", obj_.at(key).type_name()));
-  }
-
-  absl::StatusOr<int> RequiredInt(const char* key, int min) const {
-    if (!obj_.contains(key)) return Missing(key);
-    return CheckInt(key, min);
-  }
-  absl::StatusOr<int> OptionalInt(const char* key, int fallback, int min) const {
-    if (!Has(key)) return fallback;
-    return CheckInt(key, min);
-  }
-  absl::StatusOr<double> RequiredNumber(const char* key) const {
-    if (!Has(key)) return Missing(key);
-    return CheckPositiveNumber(key);
-  }
-  absl::StatusOr<double> OptionalNumber(const char* key, double fallback) const {
-    if (!Has(key)) return fallback;
-    return CheckPositiveNumber(key);
-  }
-  absl::StatusOr<bool> OptionalBool(const char* key, bool fallback) const {
-    if (!Has(key)) return fallback;
-    if (!obj_.at(key).is_boolean()) return WrongType(key, "a boolean");
-    return obj_.at(key).get<bool>();
-  }
-  absl::StatusOr<std::optional<std::string>> OptionalString(const char* key) const {
-    if (!Has(key)) return std::optional<std::string>();
-    if (!obj_.at(key).is_string()) return WrongType(key, "a string");
-    return std::optional<std::string>(obj_.at(key).get<std::string>());
-  }
-  absl::StatusOr<std::optional<const json*>> OptionalObject(const char* key) const {
-    if (!Has(key)) return std::optional<const json*>();
-    if (!obj_.at(key).is_object()) return WrongType(key, "an object");
-    return std::optional<const json*>(&obj_.at(key));
-  }
-
-  absl::StatusOr<int> CheckInt(const char* key, int min) const {
-    return CheckIntValue(obj_.at(key), Name(key), min);
-  }
-
- private:
-  absl::StatusOr<double> CheckPositiveNumber(const char* key) const {
-    const json& v = obj_.at(key);
-    if (!v.is_number()) return WrongType(key, "a number");
-    const double x = v.get<double>();
-    if (!std::isfinite(x) || x <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("field '", Name(key), "' must be a positive number, got ", x));
-    }
-    return x;
-  }
-
-  const json& obj_;
-  std::string prefix_;
-};
 
 absl::StatusOr<const ArchSpec*> ResolveArchitecture(const Fields& f, std::string& name) {
   if (f.Has("architectures")) {
@@ -215,7 +132,7 @@ absl::Status ParseShape(const Fields& f, const ArchSpec& arch, ModelConfig& c) {
   return absl::OkStatus();
 }
 
-absl::Status ParseRope(const Fields& f, ModelConfig& c) {
+absl::Status ParseRope(const Fields& f, const ArchSpec& arch, ModelConfig& c) {
   // transformers <= 4.x writes `rope_theta` + `rope_scaling`; 5.x writes `rope_parameters`
   // holding both. rope_scaling wins when both are present, as in transformers.
   CLEAVE_ASSIGN_OR_RETURN(std::optional<const json*> scaling, f.OptionalObject("rope_scaling"));
@@ -227,7 +144,7 @@ absl::Status ParseRope(const Fields& f, ModelConfig& c) {
   const json empty = json::object();
   const Fields r(scaling ? **scaling : empty, prefix);
 
-  CLEAVE_ASSIGN_OR_RETURN(const double top_theta, f.OptionalNumber("rope_theta", 10000.0));
+  CLEAVE_ASSIGN_OR_RETURN(const double top_theta, f.OptionalNumber("rope_theta", arch.default_rope_theta));
   CLEAVE_ASSIGN_OR_RETURN(c.rope.theta, r.OptionalNumber("rope_theta", top_theta));
   c.rope.rotary_dim = c.head_dim;
   c.rope.style = kernels::RopeStyle::kHalves;
@@ -328,6 +245,20 @@ absl::Status ParseAttentionVariant(const Fields& f, const ArchSpec& arch, ModelC
       CLEAVE_ASSIGN_OR_RETURN(c.sliding_window, Qwen2SlidingWindow(f, c.num_hidden_layers));
       break;
     }
+    case Architecture::kQwen2Moe: {
+      CLEAVE_ASSIGN_OR_RETURN(c.attention_bias, f.OptionalBool("qkv_bias", true));
+      CLEAVE_ASSIGN_OR_RETURN(c.sliding_window, Qwen2SlidingWindow(f, c.num_hidden_layers));
+      break;
+    }
+    case Architecture::kMixtral: {
+      // MixtralConfig defaults sliding_window to None (unlike Mistral's 4096).
+      CLEAVE_ASSIGN_OR_RETURN(c.sliding_window, f.OptionalInt("sliding_window", 0, 0));
+      break;
+    }
+    case Architecture::kJamba:
+    case Architecture::kMamba:
+      c.sliding_window = 0;
+      break;
   }
   return absl::OkStatus();
 }
@@ -375,17 +306,23 @@ absl::StatusOr<ModelConfig> ParseRoot(const json& root) {
     return absl::InvalidArgumentError(
         absl::StrCat("field 'hidden_act': activation '", *act, "' is not supported (supported: silu)"));
   }
-  CLEAVE_RETURN_IF_ERROR(ParseShape(f, *arch, c));
-  CLEAVE_ASSIGN_OR_RETURN(const double eps, f.OptionalNumber("rms_norm_eps", 1e-6));
-  c.rms_norm_eps = static_cast<float>(eps);
+  if (arch->architecture == Architecture::kMamba) {
+    // No attention, no RoPE: its own field names (state_size, layer_norm_epsilon, ...).
+    CLEAVE_RETURN_IF_ERROR(internal::ParseMambaModel(f, c));
+  } else {
+    CLEAVE_RETURN_IF_ERROR(ParseShape(f, *arch, c));
+    CLEAVE_ASSIGN_OR_RETURN(const double eps, f.OptionalNumber("rms_norm_eps", 1e-6));
+    c.rms_norm_eps = static_cast<float>(eps);
+    CLEAVE_RETURN_IF_ERROR(ParseRope(f, *arch, c));
+    CLEAVE_ASSIGN_OR_RETURN(c.tie_word_embeddings, f.OptionalBool("tie_word_embeddings", false));
+    CLEAVE_RETURN_IF_ERROR(ParseAttentionVariant(f, *arch, c));
+    CLEAVE_RETURN_IF_ERROR(internal::ParseLayerKinds(f, c));
+  }
   // The norm kernels take eps as float: 1e-50 would silently become 0 (and 1e50 infinity).
   if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("field 'rms_norm_eps' (", eps, ") is out of range for a float"));
+        absl::StrCat("field 'rms_norm_eps' (", c.rms_norm_eps, ") is out of range for a float"));
   }
-  CLEAVE_RETURN_IF_ERROR(ParseRope(f, c));
-  CLEAVE_ASSIGN_OR_RETURN(c.tie_word_embeddings, f.OptionalBool("tie_word_embeddings", false));
-  CLEAVE_RETURN_IF_ERROR(ParseAttentionVariant(f, *arch, c));
   CLEAVE_RETURN_IF_ERROR(ParseTokens(f, *arch, c));
 
   // transformers >= 4.56 writes "dtype"; older configs "torch_dtype". "dtype" wins, as there.

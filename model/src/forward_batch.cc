@@ -7,7 +7,7 @@
 namespace cleave::model {
 
 void ForwardBatch::AddSequence(std::span<const int32_t> tokens, int cached_len,
-                               std::span<const int32_t> blocks, int block_size, bool want_logits) {
+                               std::span<const int32_t> blocks, int block_size, bool want_logits, int state_slot) {
   if (query_start_loc.empty()) query_start_loc.push_back(0);
   const int start = num_tokens();
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -21,6 +21,8 @@ void ForwardBatch::AddSequence(std::span<const int32_t> tokens, int cached_len,
   query_start_loc.push_back(num_tokens());
   seq_lens.push_back(cached_len + static_cast<int>(tokens.size()));
   pending_tables_.emplace_back(blocks.begin(), blocks.end());
+  state_slots.push_back(state_slot);
+  has_initial_state.push_back(cached_len > 0 ? 1 : 0);
   if (want_logits && !tokens.empty()) logits_indices.push_back(start + static_cast<int>(tokens.size()) - 1);
 }
 

@@ -15,9 +15,13 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 
 int CeilDiv(int a, int b) { return (a + b - 1) / b; }
 
+// The generator runs one request at a time, so it always uses state slot 0 (ignored by models
+// without Mamba layers).
+constexpr int kStateSlot = 0;
+
 }  // namespace
 
-Generator::Generator(const LlamaModel& model, GeneratorOptions options, int max_context,
+Generator::Generator(const DecoderModel& model, GeneratorOptions options, int max_context,
                      std::unique_ptr<KvCache> cache)
     : model_(model),
       options_(options),
@@ -25,7 +29,7 @@ Generator::Generator(const LlamaModel& model, GeneratorOptions options, int max_
       cache_(std::move(cache)),
       pool_(cache_->num_blocks()) {}
 
-absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const LlamaModel& model,
+absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const DecoderModel& model,
                                                              const GeneratorOptions& options) {
   CLEAVE_CHECK_ARG(options.kv_block_size > 0, "kv_block_size must be positive");
   CLEAVE_CHECK_ARG(options.prefill_chunk > 0, "prefill_chunk must be positive");
@@ -33,8 +37,9 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const LlamaModel& m
   const int max_context = options.max_context > 0 ? std::min(options.max_context, model_max) : model_max;
   // One request at a time: exactly enough blocks for a full context.
   const int blocks = CeilDiv(max_context, options.kv_block_size);
+  // One state slot (slot 0) for the one request, when the model has Mamba layers.
   CLEAVE_ASSIGN_OR_RETURN(auto cache, KvCache::Create(model.config(), blocks, options.kv_block_size,
-                                                      kernels::CpuBackend()));
+                                                      kernels::CpuBackend(), /*num_state_slots=*/1));
   return std::unique_ptr<Generator>(new Generator(model, options, max_context, std::move(cache)));
 }
 
@@ -79,7 +84,8 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     const int n = std::min(options_.prefill_chunk, prompt_len - done);
     ForwardBatch batch;
     const bool last = done + n == prompt_len;
-    batch.AddSequence(std::span(request.prompt_ids).subspan(done, n), done, blocks, bs, last);
+    batch.AddSequence(std::span(request.prompt_ids).subspan(done, n), done, blocks, bs, last,
+                      kStateSlot);
     CLEAVE_RETURN_IF_ERROR(batch.Finalize());
     CLEAVE_RETURN_IF_ERROR(model_.Forward(batch, *cache_, ws_, logits_));
     done += n;
@@ -105,7 +111,7 @@ absl::StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& reques
     }
     if (step + 1 == max_new) break;
     ForwardBatch batch;
-    batch.AddSequence(std::span(&token, 1), context, blocks, bs, true);
+    batch.AddSequence(std::span(&token, 1), context, blocks, bs, true, kStateSlot);
     CLEAVE_RETURN_IF_ERROR(batch.Finalize());
     CLEAVE_RETURN_IF_ERROR(model_.Forward(batch, *cache_, ws_, logits_));
     ++context;

@@ -1,5 +1,6 @@
 #include "cleave/model/kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -11,26 +12,62 @@ using kernels::DType;
 using kernels::Tensor;
 
 size_t KvBytesPerBlock(const ModelConfig& config, int block_size) {
-  return 2ull * config.num_hidden_layers * block_size * config.kv_size() * sizeof(float);
+  return 2ull * config.num_layers_of(MixerKind::kAttention) * block_size * config.kv_size() *
+         sizeof(float);
 }
 
+size_t StateBytesPerSlot(const ModelConfig& config) {
+  const MambaConfig& m = config.mamba;
+  return static_cast<size_t>(config.num_layers_of(MixerKind::kMamba)) * m.d_inner *
+         (m.d_conv - 1 + m.d_state) * sizeof(float);
+}
+
+namespace {
+
+// One zeroed f32 pool: a bug that reads an unwritten slot gives a stable wrong answer, not NaNs.
+absl::StatusOr<Tensor> Pool(kernels::Backend& backend, std::initializer_list<int64_t> shape,
+                            std::vector<std::unique_ptr<kernels::Buffer>>& buffers) {
+  size_t bytes = sizeof(float);
+  for (int64_t d : shape) bytes *= static_cast<size_t>(d);
+  CLEAVE_ASSIGN_OR_RETURN(auto buf, backend.Allocate(std::max<size_t>(bytes, 1)));
+  if (backend.device().is_cpu()) std::memset(buf->data(), 0, bytes);
+  Tensor t(buf->data(), DType::kF32, shape, backend.device());
+  buffers.push_back(std::move(buf));
+  return t;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& config, int num_blocks,
-                                                         int block_size, kernels::Backend& backend) {
+                                                         int block_size, kernels::Backend& backend,
+                                                         int num_state_slots) {
   CLEAVE_CHECK_ARG(num_blocks > 0, "KV cache needs at least one block");
   CLEAVE_CHECK_ARG(block_size > 0, "KV block size must be positive");
+  CLEAVE_CHECK_ARG(static_cast<int>(config.layer_mixer.size()) == config.num_hidden_layers,
+                   "model config has no per-layer mixer kinds");
+  const bool has_state = config.has_ssm_state();
+  CLEAVE_CHECK_ARG(!has_state || num_state_slots > 0,
+                   "a model with Mamba layers needs at least one state slot");
   auto cache = std::unique_ptr<KvCache>(new KvCache());
   cache->num_blocks_ = num_blocks;
   cache->block_size_ = block_size;
+  cache->num_state_slots_ = has_state ? num_state_slots : 0;
   const int64_t hk = config.num_key_value_heads, dh = config.head_dim;
-  const size_t layer_bytes = static_cast<size_t>(num_blocks) * block_size * hk * dh * sizeof(float);
-  for (int l = 0; l < config.num_hidden_layers; ++l) {
-    for (int kv = 0; kv < 2; ++kv) {
-      CLEAVE_ASSIGN_OR_RETURN(auto buf, backend.Allocate(layer_bytes));
-      // Zeroed so a bug that reads an unwritten slot gives a stable wrong answer, not NaNs.
-      if (backend.device().is_cpu()) std::memset(buf->data(), 0, layer_bytes);
-      Tensor t(buf->data(), DType::kF32, {num_blocks, block_size, hk, dh}, backend.device());
-      (kv == 0 ? cache->k_ : cache->v_).push_back(t);
-      cache->buffers_.push_back(std::move(buf));
+  const MambaConfig& m = config.mamba;
+  const int n = config.num_hidden_layers;
+  cache->k_.resize(n);
+  cache->v_.resize(n);
+  cache->conv_.resize(n);
+  cache->ssm_.resize(n);
+  for (int l = 0; l < n; ++l) {
+    if (config.layer_mixer[l] == MixerKind::kAttention) {
+      CLEAVE_ASSIGN_OR_RETURN(cache->k_[l], Pool(backend, {num_blocks, block_size, hk, dh}, cache->buffers_));
+      CLEAVE_ASSIGN_OR_RETURN(cache->v_[l], Pool(backend, {num_blocks, block_size, hk, dh}, cache->buffers_));
+    } else {
+      CLEAVE_ASSIGN_OR_RETURN(cache->conv_[l], Pool(backend, {num_state_slots, m.d_inner, m.d_conv - 1},
+                                                    cache->buffers_));
+      CLEAVE_ASSIGN_OR_RETURN(cache->ssm_[l], Pool(backend, {num_state_slots, m.d_inner, m.d_state},
+                                                   cache->buffers_));
     }
   }
   return cache;

@@ -54,8 +54,9 @@ int64_t SchedulerCore::Impl::MaxModelLen() const {
 // --- outbox -------------------------------------------------------------------------------------
 
 void SchedulerCore::Impl::SendAdd(const Worker& worker, const Request& r, int num_computed_tokens,
-                                  const std::vector<int32_t>& blocks,
+                                  const Placement& placement,
                                   const v1::KvTarget* kv_target) {
+  const std::vector<int32_t>& blocks = placement.blocks;
   v1::SchedulerMessage msg;
   v1::AddRequest* add = msg.mutable_add();
   add->set_request_id(r.id);
@@ -69,6 +70,7 @@ void SchedulerCore::Impl::SendAdd(const Worker& worker, const Request& r, int nu
   add->mutable_stop_token_ids()->Add(r.stop_token_ids.begin(), r.stop_token_ids.end());
   if (kv_target != nullptr) *add->mutable_kv_target() = *kv_target;
   add->set_rng_skip(static_cast<uint32_t>(r.generated()));
+  add->set_state_slot(placement.state_slot);
   outbox.to_workers.emplace_back(worker.id, std::move(msg));
 }
 
@@ -106,6 +108,7 @@ void SchedulerCore::Impl::SendExpectKv(const Worker& decode, const Request& r, W
                                   r.decode.blocks.begin() + filled);
   }
   expect->set_source_worker_id(source);
+  expect->set_state_slot(r.decode.state_slot);
   outbox.to_workers.emplace_back(decode.id, std::move(msg));
 }
 
@@ -187,6 +190,8 @@ v1::StatsResponse SchedulerCore::Stats() const {
     ws->set_used_blocks(w->blocks.num_used());
     ws->set_num_running(w->num_running());
     ws->set_kv_address(w->reg.kv_address());
+    ws->set_num_state_slots(w->reg.num_state_slots());
+    ws->set_free_state_slots(static_cast<int32_t>(w->free_slots.size()));
   }
   stats.set_num_waiting(impl_->num_waiting);
   stats.set_num_running(static_cast<int32_t>(impl_->requests.size()) - impl_->num_waiting);

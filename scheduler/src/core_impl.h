@@ -48,7 +48,7 @@ struct SchedulerCore::Impl {
 
   // --- outbox ------------------------------------------------------------------------------
   void SendAdd(const Worker& worker, const Request& r, int num_computed_tokens,
-               const std::vector<int32_t>& blocks, const v1::KvTarget* kv_target);
+               const Placement& placement, const v1::KvTarget* kv_target);
   void SendRemove(WorkerId worker, const Request& r, v1::RemoveReason reason);
   void SendAppend(WorkerId worker, const Request& r, std::vector<int32_t>::const_iterator first,
                   std::vector<int32_t>::const_iterator last);

@@ -8,6 +8,8 @@ namespace cleave::scheduler {
 
 void SchedulerCore::Impl::CacheComputed(Request& r, Placement& p) {
   if (!config.enable_prefix_cache || p.blocks.empty()) return;
+  // Placements on Mamba-model workers never match (MatchPrefix), so they are not cached either.
+  if (p.state_slot >= 0) return;
   // Called for every decoded token: the common "no new full block" case returns early.
   const int n = std::min<int>(p.computed_tokens / block_size(), static_cast<int>(p.blocks.size()));
   if (n <= p.cached_blocks) return;
@@ -32,7 +34,7 @@ void SchedulerCore::Impl::Detach(Request& r, Placement& p, v1::RemoveReason reas
     if (Worker* w = FindWorker(p.worker)) {
       if (!p.ended_by_worker) SendRemove(w->id, r, reason);
       ReleaseBlocks(r, p);
-      w->requests.erase(r.id);
+      w->Release(r.id, p);
       if (&p == &r.prefill) w->queued_prompt_tokens -= r.prefill_queued;
     }
   }

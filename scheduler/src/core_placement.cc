@@ -50,7 +50,7 @@ const std::vector<uint64_t>& SchedulerCore::Impl::BlockHashes(Request& r, int nu
 int SchedulerCore::Impl::MatchPrefix(Worker& worker, Request& r, int max_blocks,
                                      std::vector<int32_t>* hit) {
   hit->clear();
-  if (!config.enable_prefix_cache || max_blocks <= 0) return 0;
+  if (!config.enable_prefix_cache || max_blocks <= 0 || worker.has_state()) return 0;
   const std::vector<uint64_t>& hashes = BlockHashes(r, max_blocks);
   return worker.blocks.MatchPrefix(hashes, r.tokens, max_blocks, hit);
 }
@@ -122,8 +122,8 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlacePd(Request& r) {
   // Headroom was checked on both: these cannot fail.
   (void)d.worker->blocks.Allocate(d.hit, need_d - hit_d, &r.decode.blocks);
   (void)p.worker->blocks.Allocate(p.hit, need_p - hit_p, &r.prefill.blocks);
-  d.worker->requests.insert(r.id);
-  p.worker->requests.insert(r.id);
+  d.worker->Attach(r.id, r.decode);
+  p.worker->Attach(r.id, r.prefill);
   r.prefill_queued = len - hit_p * bs;
   p.worker->queued_prompt_tokens += r.prefill_queued;
   prefix_cache_hit_tokens += static_cast<uint64_t>(hit_p) * bs;
@@ -135,7 +135,8 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlacePd(Request& r) {
   target.set_address(d.worker->reg.kv_address());
   target.mutable_blocks()->Add(r.decode.blocks.begin(), r.decode.blocks.end());
   target.set_first_block(hit_d);
-  SendAdd(*p.worker, r, hit_p * bs, r.prefill.blocks, &target);
+  target.set_state_slot(r.decode.state_slot);
+  SendAdd(*p.worker, r, hit_p * bs, r.prefill, &target);
   return PlaceResult::kPlaced;
 }
 
@@ -175,9 +176,9 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlaceColocated(Request& r)
   r.placed_tokens = len;
   r.decode = NewPlacement(c.worker->id, hit_blocks, bs);
   (void)c.worker->blocks.Allocate(c.hit, need - hit_blocks, &r.decode.blocks);
-  c.worker->requests.insert(r.id);
+  c.worker->Attach(r.id, r.decode);
   prefix_cache_hit_tokens += static_cast<uint64_t>(hit_blocks) * bs;
-  SendAdd(*c.worker, r, hit_blocks * bs, r.decode.blocks, nullptr);
+  SendAdd(*c.worker, r, hit_blocks * bs, r.decode, nullptr);
   return PlaceResult::kPlaced;
 }
 

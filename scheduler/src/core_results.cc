@@ -80,7 +80,7 @@ void SchedulerCore::Impl::OnToken(Worker& worker, const v1::TokenResult& token) 
       return Finish(r, by_length);
     }
     if (r.kv_sent) {  // nothing left for the prefill worker to do
-      worker.requests.erase(r.id);
+      worker.Release(r.id, r.prefill);
       r.prefill = Placement();
     }
     if (r.kv_ready) {
@@ -149,7 +149,7 @@ void SchedulerCore::Impl::OnKvSent(Worker& worker, const v1::KvSent& sent) {
   r->prefill.computed_tokens = r->placed_tokens;
   ReleaseBlocks(*r, r->prefill);  // full blocks stay in the prefill worker's prefix cache
   if (r->first_token) {
-    worker.requests.erase(r->id);
+    worker.Release(r->id, r->prefill);
     r->prefill = Placement();
   }
 }
@@ -160,7 +160,7 @@ void SchedulerCore::Impl::StartDecode(Request& r) {
   Grow(r, /*preempt=*/false);  // the AddRequest carries the whole table
   r.state = RequestState::kDecoding;
   // All of this attempt's prompt has its KV there; the first token's does not yet.
-  SendAdd(*d, r, r.placed_tokens, r.decode.blocks, nullptr);
+  SendAdd(*d, r, r.placed_tokens, r.decode, nullptr);
 }
 
 void SchedulerCore::Impl::Grow(Request& r, bool preempt) {

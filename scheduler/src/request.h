@@ -33,6 +33,7 @@ struct Placement {
   int hit_blocks = 0;            // leading blocks that came from the prefix cache
   int cached_blocks = 0;         // leading blocks entered in the worker's prefix cache
   int computed_tokens = 0;       // leading tokens whose KV is known to be in `blocks`
+  int32_t state_slot = -1;       // Mamba models: the request's state slot there
   bool involved = false;         // the worker holds the request (it is in Worker::requests)
   bool ended_by_worker = false;  // the worker reported it finished: no RemoveRequest owed
 };

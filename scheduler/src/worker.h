@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "absl/container/flat_hash_set.h"
 #include "cleave/scheduler/block_manager.h"
@@ -19,11 +20,37 @@ struct Worker {
       : id(worker_id),
         reg(registration),
         last_heartbeat(now),
-        blocks(registration.num_kv_blocks(), registration.block_size()) {}
+        blocks(registration.num_kv_blocks(), registration.block_size()) {
+    // Lowest slot on top, so a fresh worker hands out 0, 1, 2, ...
+    for (int32_t s = registration.num_state_slots() - 1; s >= 0; --s) free_slots.push_back(s);
+  }
 
   v1::WorkerRole role() const { return reg.role(); }
   int num_running() const { return static_cast<int>(requests.size()); }
-  bool has_room() const { return num_running() < reg.max_running(); }
+  // A request placed here needs a running slot and, for Mamba models, a state slot.
+  bool has_room() const {
+    return num_running() < reg.max_running() && (!has_state() || !free_slots.empty());
+  }
+  // The model carries recurrent (Mamba) state per request: no prefix reuse here, since a cached
+  // KV prefix without the SSM state at that position cannot resume a sequence.
+  bool has_state() const { return reg.num_state_slots() > 0; }
+
+  // Takes `id` onto this worker: records it and gives its placement a state slot (Mamba models).
+  // Callers check has_room() first.
+  void Attach(RequestId id, Placement& p) {
+    requests.insert(id);
+    p.involved = true;
+    if (has_state() && p.state_slot < 0) {
+      p.state_slot = free_slots.back();
+      free_slots.pop_back();
+    }
+  }
+  // Drops `id` from this worker and returns its state slot.
+  void Release(RequestId id, Placement& p) {
+    requests.erase(id);
+    if (p.state_slot >= 0) free_slots.push_back(p.state_slot);
+    p.state_slot = -1;
+  }
   // Longest sequence (tokens) a request can reach here: its max_model_len, and its whole pool.
   int64_t max_length() const {
     return std::min<int64_t>(reg.max_model_len(),
@@ -38,6 +65,7 @@ struct Worker {
   absl::flat_hash_set<RequestId> requests;
   // Prefill workers: prompt tokens placed here whose first token has not come back yet.
   int64_t queued_prompt_tokens = 0;
+  std::vector<int32_t> free_slots;  // state slots no request holds (a stack)
 };
 
 }  // namespace cleave::scheduler

@@ -10,7 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/model/generator.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 #include "cleave/model/tokenizer.h"
 #include "commands.h"
 
@@ -41,12 +41,12 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   if (!std::filesystem::is_directory(a.model_dir, ec)) {
     return absl::NotFoundError(absl::StrCat("model directory ", a.model_dir, " does not exist"));
   }
-  auto model_or = model::LlamaModel::Load(a.model_dir);
+  auto model_or = model::DecoderModel::Load(a.model_dir);
   if (!model_or.ok()) {
     return absl::Status(model_or.status().code(),
                         absl::StrCat("cannot load model from ", a.model_dir, ": ", model_or.status().message()));
   }
-  const model::LlamaModel& llm = **model_or;
+  const model::DecoderModel& llm = **model_or;
   auto tok_or = model::LoadTokenizer(a.model_dir);
   if (!tok_or.ok()) return tok_or.status();
   const model::Tokenizer& tok = **tok_or;

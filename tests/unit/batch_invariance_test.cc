@@ -40,7 +40,7 @@
 #include "cleave/model/forward_batch.h"
 #include "cleave/model/generator.h"
 #include "cleave/model/kv_cache.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 #include "cleave/model/llama2c.h"
 #include "cleave/model/safetensors.h"
 #include "gtest/gtest.h"
@@ -144,7 +144,7 @@ class ModelRegistry {
   }
   ~ModelRegistry() = delete;
 
-  absl::StatusOr<const LlamaModel*> Load(const std::string& name) {
+  absl::StatusOr<const DecoderModel*> Load(const std::string& name) {
     auto it = models_.find(name);
     if (it != models_.end()) return it->second.get();
     fs::path dir;
@@ -166,8 +166,8 @@ class ModelRegistry {
     } else {
       dir = fs::path("tests/data/golden") / name;
     }
-    CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model, LlamaModel::Load(dir));
-    const LlamaModel* raw = model.get();
+    CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<DecoderModel> model, DecoderModel::Load(dir));
+    const DecoderModel* raw = model.get();
     models_[name] = std::move(model);
     return raw;
   }
@@ -182,7 +182,7 @@ class ModelRegistry {
     });
   }
   fs::path tmp_;
-  std::map<std::string, std::unique_ptr<LlamaModel>> models_;
+  std::map<std::string, std::unique_ptr<DecoderModel>> models_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ struct Work {
 
 class Executor {
  public:
-  static absl::StatusOr<std::unique_ptr<Executor>> Create(const LlamaModel& model, int num_blocks,
+  static absl::StatusOr<std::unique_ptr<Executor>> Create(const DecoderModel& model, int num_blocks,
                                                           int block_size = kBlockSize) {
     CLEAVE_ASSIGN_OR_RETURN(
         auto cache, KvCache::Create(model.config(), num_blocks, block_size, kernels::CpuBackend()));
@@ -351,10 +351,10 @@ class Executor {
     LogitsByPos logits;
   };
 
-  Executor(const LlamaModel& model, std::unique_ptr<KvCache> cache, int num_blocks)
+  Executor(const DecoderModel& model, std::unique_ptr<KvCache> cache, int num_blocks)
       : model_(model), cache_(std::move(cache)), pool_(num_blocks) {}
 
-  const LlamaModel& model_;
+  const DecoderModel& model_;
   std::unique_ptr<KvCache> cache_;
   BlockPool pool_;
   Workspace ws_;
@@ -565,7 +565,7 @@ class BatchInvarianceTest : public ::testing::TestWithParam<std::string> {
     return ex->logits(t);
   }
 
-  const LlamaModel* model_ = nullptr;
+  const DecoderModel* model_ = nullptr;
   int vocab_ = 0, length_ = 0, prompt_len_ = 0;
   std::vector<int32_t> target_;
   LogitsByPos reference_;  // Offline(target_)

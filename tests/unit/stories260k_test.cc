@@ -1,4 +1,4 @@
-// The bundled real model end to end: llama2.c checkpoint -> `ConvertLlama2c` -> LlamaModel, greedy
+// The bundled real model end to end: llama2.c checkpoint -> `ConvertLlama2c` -> DecoderModel, greedy
 // from BOS, against 200 tokens that transformers produced on independently converted weights
 // (tests/data/golden/stories260k.json, tools/make_goldens.py).
 #include <unistd.h>
@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "cleave/model/generator.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 #include "cleave/model/llama2c.h"
 #include "cleave/model/tokenizer.h"
 #include "gtest/gtest.h"
@@ -52,7 +52,7 @@ TEST_F(Stories260kTest, GreedyFromBosMatchesTransformers) {
   const auto want = golden.at("greedy_tokens").get<std::vector<int32_t>>();
   ASSERT_EQ(want.size(), 200u);
 
-  auto model = LlamaModel::Load(*dir_);
+  auto model = DecoderModel::Load(*dir_);
   ASSERT_TRUE(model.ok()) << model.status();
   auto gen = Generator::Create(**model, GeneratorOptions{});
   ASSERT_TRUE(gen.ok());
@@ -79,7 +79,7 @@ TEST_F(Stories260kTest, PromptLogitsMatchTransformers) {
   ASSERT_TRUE(status_->ok()) << *status_;
   std::ifstream in("tests/data/golden/stories260k.json");
   const nlohmann::json golden = nlohmann::json::parse(in);
-  auto model = LlamaModel::Load(*dir_);
+  auto model = DecoderModel::Load(*dir_);
   ASSERT_TRUE(model.ok()) << model.status();
   auto gen = Generator::Create(**model, GeneratorOptions{});
   ASSERT_TRUE(gen.ok());
@@ -111,7 +111,7 @@ TEST_F(Stories260kTest, Bf16ConversionGenerates) {
   opts.out_dir = bf16_dir;
   opts.dtype = kernels::DType::kBF16;
   ASSERT_TRUE(ConvertLlama2c(opts).ok());
-  auto model = LlamaModel::Load(bf16_dir);
+  auto model = DecoderModel::Load(bf16_dir);
   ASSERT_TRUE(model.ok()) << model.status();
   auto gen = Generator::Create(**model, GeneratorOptions{});
   ASSERT_TRUE(gen.ok());

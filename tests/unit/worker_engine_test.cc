@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "cleave/model/generator.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 #include "cleave/transport/kv_transport.h"
 #include "cleave/worker/engine.h"
 #include "gtest/gtest.h"
@@ -22,7 +22,7 @@ constexpr int kBs = 16;
 class EngineTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto m = model::LlamaModel::Load("models/stories260K");
+    auto m = model::DecoderModel::Load("models/stories260K");
     ASSERT_TRUE(m.ok()) << m.status() << " (run scripts/setup-model.sh)";
     model_ = m->release();
   }
@@ -69,9 +69,9 @@ class EngineTest : public ::testing::Test {
     return v;
   }
 
-  static model::LlamaModel* model_;
+  static model::DecoderModel* model_;
 };
-model::LlamaModel* EngineTest::model_ = nullptr;
+model::DecoderModel* EngineTest::model_ = nullptr;
 
 TEST_F(EngineTest, ColocatedMixedBatchesMatchOffline) {
   auto cache = model::KvCache::Create(model_->config(), 256, kBs, kernels::CpuBackend());

@@ -49,6 +49,9 @@ struct Engine::Seq {
   int first_block = 0;
   int next_unsent_block = 0;
   bool finishing = false;  // prefill done; transfer being flushed
+  // Mamba models: the request's state slot here, and (PREFILL) the decode worker's.
+  int state_slot = -1;
+  int target_slot = -1;
 };
 
 KvCacheStore::KvCacheStore(model::KvCache& cache, const model::ModelConfig& config) : cache_(cache) {
@@ -57,6 +60,13 @@ KvCacheStore::KvCacheStore(model::KvCache& cache, const model::ModelConfig& conf
   geometry_.num_kv_heads = config.num_key_value_heads;
   geometry_.head_dim = config.head_dim;
   geometry_.num_blocks = cache.num_blocks();
+  if (config.has_ssm_state()) {
+    for (int l = 0; l < cache.num_layers(); ++l) geometry_.state_layers.push_back(cache.is_mamba(l) ? 1 : 0);
+    const model::MambaConfig& m = config.mamba;
+    geometry_.conv_state_bytes = static_cast<size_t>(m.d_inner) * (m.d_conv - 1) * sizeof(float);
+    geometry_.ssm_state_bytes = static_cast<size_t>(m.d_inner) * m.d_state * sizeof(float);
+    geometry_.num_state_slots = cache.num_state_slots();
+  }
 }
 
 std::byte* KvCacheStore::BlockData(int layer, bool is_value, int block) {
@@ -64,7 +74,14 @@ std::byte* KvCacheStore::BlockData(int layer, bool is_value, int block) {
   return static_cast<std::byte*>(t.data()) + static_cast<size_t>(block) * geometry_.block_bytes();
 }
 
-Engine::Engine(const model::LlamaModel& model, model::KvCache& cache, EngineOptions options,
+std::byte* KvCacheStore::StateData(int layer, bool is_ssm, int slot) {
+  if (!cache_.is_mamba(layer)) return nullptr;
+  const kernels::Tensor t = is_ssm ? cache_.ssm_state(layer) : cache_.conv_state(layer);
+  const size_t bytes = is_ssm ? geometry_.ssm_state_bytes : geometry_.conv_state_bytes;
+  return static_cast<std::byte*>(t.data()) + static_cast<size_t>(slot) * bytes;
+}
+
+Engine::Engine(const model::DecoderModel& model, model::KvCache& cache, EngineOptions options,
                transport::KvSender* sender, Emit emit)
     : model_(model), cache_(cache), options_(options), sender_(sender), emit_(std::move(emit)) {}
 
@@ -154,12 +171,19 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
       }
       for (int32_t t : seq->tokens) if (t < 0 || t >= vocab) bad = "token id outside the vocabulary";
       for (int32_t b : seq->blocks) if (b < 0 || b >= cache_.num_blocks()) bad = "block id outside the KV pool";
+      const bool has_state = model_.config().has_ssm_state();
+      seq->state_slot = a.state_slot();
+      if (has_state && (seq->state_slot < 0 || seq->state_slot >= cache_.num_state_slots())) {
+        bad = "state slot outside the state pool";
+      }
       if (options_.role == v1::WORKER_ROLE_PREFILL) {
         if (!sender_ || a.kv_target().address().empty()) bad = "prefill request without a KV target";
         seq->target = a.kv_target().address();
         seq->target_blocks.assign(a.kv_target().blocks().begin(), a.kv_target().blocks().end());
         seq->first_block = a.kv_target().first_block();
         seq->next_unsent_block = seq->first_block;
+        seq->target_slot = a.kv_target().state_slot();
+        if (has_state && seq->target_slot < 0) bad = "KV target has no state slot";
         const int needed = (seq->prompt_end + cache_.block_size() - 1) / cache_.block_size();
         if (static_cast<int>(seq->target_blocks.size()) < needed) bad = "KV target has too few blocks";
       }
@@ -209,11 +233,33 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
   }
 }
 
+absl::Status Engine::ShipState(int layer, const std::vector<Seq*>& seqs,
+                               const std::vector<std::pair<int, int>>& spans) {
+  const model::MambaConfig& m = model_.config().mamba;
+  const size_t conv_bytes = static_cast<size_t>(m.d_inner) * (m.d_conv - 1) * sizeof(float);
+  const size_t ssm_bytes = static_cast<size_t>(m.d_inner) * m.d_state * sizeof(float);
+  auto* conv_base = static_cast<const std::byte*>(cache_.conv_state(layer).data());
+  auto* ssm_base = static_cast<const std::byte*>(cache_.ssm_state(layer).data());
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    Seq& s = *seqs[i];
+    // The state summarises the whole prompt only after its last chunk; earlier chunks' state
+    // stays here and is carried into the next chunk.
+    if (spans[i].second != s.prompt_end) continue;
+    transport::KvStateSend send{s.id, s.attempt, layer, s.target_slot,
+                                conv_base + static_cast<size_t>(s.state_slot) * conv_bytes,
+                                ssm_base + static_cast<size_t>(s.state_slot) * ssm_bytes};
+    CLEAVE_RETURN_IF_ERROR(sender_->SendState(s.target, send));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Engine::ShipLayer(int layer, const std::vector<Seq*>& seqs,
                                const std::vector<std::pair<int, int>>& spans) {
-  const transport::KvGeometry geometry{cache_.num_layers(), cache_.block_size(),
-                                       model_.config().num_key_value_heads, model_.config().head_dim,
-                                       cache_.num_blocks()};
+  if (cache_.is_mamba(layer)) return ShipState(layer, seqs, spans);
+  transport::KvGeometry geometry;
+  geometry.block_size = cache_.block_size();
+  geometry.num_kv_heads = model_.config().num_key_value_heads;
+  geometry.head_dim = model_.config().head_dim;
   const size_t block_bytes = geometry.block_bytes();
   auto* k_base = static_cast<const std::byte*>(cache_.k(layer).data());
   auto* v_base = static_cast<const std::byte*>(cache_.v(layer).data());
@@ -266,7 +312,7 @@ bool Engine::Step() {
       }
       const bool want_logits = n == pending;
       batch.AddSequence(std::span(s.tokens).subspan(s.num_computed, n), s.num_computed, s.blocks, bs,
-                        want_logits);
+                        want_logits, s.state_slot);
       members.push_back(&s);
       spans.emplace_back(s.num_computed, s.num_computed + n);
       budget -= n;
@@ -293,7 +339,8 @@ bool Engine::Step() {
   status = h.status();
   for (int l = 0; status.ok() && l < model_.config().num_hidden_layers; ++l) {
     status = model_.RunMixer(l, batch, cache_, ws_, *h);
-    // This layer's KV is final for the chunk: ship it while the rest of the pass runs.
+    // This layer's KV (or Mamba state) is final for the chunk: ship it while the rest of the
+    // pass runs.
     if (status.ok() && ship) status = ShipLayer(l, members, spans);
     if (status.ok()) status = model_.RunFfn(l, ws_, *h);
   }

@@ -37,10 +37,28 @@ class Link {
   Stream* stream_ = nullptr;
 };
 
-int ModelBlocks(const WorkerProcessOptions& o, const model::ModelConfig& config) {
+// Models with Mamba layers hold one state slot per request the worker may run.
+int StateSlots(const WorkerProcessOptions& o, const model::ModelConfig& config) {
+  return config.has_ssm_state() ? std::max(1, o.max_running) : 0;
+}
+
+// The KV pool gets the memory budget left after the state slots. A model without attention
+// layers has no KV bytes: its blocks only count tokens, enough for every slot at full length.
+absl::StatusOr<int> ModelBlocks(const WorkerProcessOptions& o, const model::ModelConfig& config) {
   if (o.kv_blocks > 0) return o.kv_blocks;
+  const size_t budget = static_cast<size_t>(o.kv_cache_mb) << 20;
+  const size_t state = static_cast<size_t>(StateSlots(o, config)) * model::StateBytesPerSlot(config);
+  if (state >= budget) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_cache_mb ", o.kv_cache_mb, " cannot hold the Mamba state of max_running ", o.max_running,
+        " requests (", state >> 20, " MiB); raise kv_cache_mb or lower max_running"));
+  }
   const size_t per_block = model::KvBytesPerBlock(config, o.block_size);
-  return std::max<int>(1, static_cast<int>((static_cast<size_t>(o.kv_cache_mb) << 20) / per_block));
+  if (per_block == 0) {
+    const int per_seq = (config.max_position_embeddings + o.block_size - 1) / o.block_size;
+    return std::max(1, StateSlots(o, config)) * per_seq;
+  }
+  return std::max<int>(1, static_cast<int>((budget - state) / per_block));
 }
 
 }  // namespace
@@ -55,12 +73,14 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
 
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   if (o.threads > 0) kernels::SetCpuThreads(o.threads);
-  CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(o.model_dir));
+  CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir));
   model::ModelConfig config = model->config();
   CLEAVE_CHECK_ARG(o.block_size > 0, "block_size must be positive");
-  const int num_blocks = ModelBlocks(o, config);
+  CLEAVE_ASSIGN_OR_RETURN(const int num_blocks, ModelBlocks(o, config));
+  const int num_slots = StateSlots(o, config);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache,
-                          model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend()));
+                          model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend(),
+                                                 num_slots));
   KvCacheStore store(*cache, config);
   Link link;
 
@@ -101,7 +121,9 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   auto stub = v1::Scheduler::NewStub(channel);
   const std::string name = o.name.empty() ? absl::StrCat(v1::WorkerRole_Name(o.role), "@", o.scheduler) : o.name;
   CLEAVE_LOG(Info) << "worker " << name << ": " << num_blocks << " KV blocks of " << o.block_size
-                   << " tokens" << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "");
+                   << " tokens"
+                   << (num_slots > 0 ? absl::StrCat(", ", num_slots, " Mamba state slots") : "")
+                   << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "");
 
   bool registered_once = false;
   while (!shutdown.requested()) {
@@ -117,6 +139,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     reg.set_vocab_size(config.vocab_size);
     reg.set_max_model_len(config.max_position_embeddings);
     reg.set_name(name);
+    reg.set_num_state_slots(num_slots);
     v1::RegisterWorkerResponse reg_reply;
     grpc::ClientContext reg_ctx;
     reg_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -177,7 +200,8 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     while (stream->Read(&msg)) {
       if (msg.has_expect_kv() && receiver) {
         const auto& e = msg.expect_kv();
-        receiver->Expect(e.request_id(), e.attempt(), {e.blocks().begin(), e.blocks().end()});
+        receiver->Expect(e.request_id(), e.attempt(), {e.blocks().begin(), e.blocks().end()},
+                         e.state_slot());
         continue;
       }
       if (msg.has_remove() && receiver) receiver->Forget(msg.remove().request_id(), msg.remove().attempt());

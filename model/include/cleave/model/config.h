@@ -11,7 +11,31 @@
 
 namespace cleave::model {
 
-enum class Architecture { kLlama, kMistral, kQwen2 };
+enum class Architecture { kLlama, kMistral, kQwen2, kMixtral, kQwen2Moe, kMamba, kJamba };
+
+// What a layer mixes the sequence with, and what its feed-forward half is.
+enum class MixerKind { kAttention, kMamba };
+enum class FfnKind { kNone, kDense, kMoe };  // kNone: Mamba blocks have no FFN
+
+// Mixture-of-experts FFN (Mixtral, Qwen2-MoE, Jamba).
+struct MoeConfig {
+  int num_experts = 0;
+  int top_k = 0;
+  int expert_intermediate_size = 0;  // each routed expert's F
+  bool renormalize = false;          // divide the top-k weights by their sum
+  int shared_expert_intermediate_size = 0;  // 0 = no shared expert (Qwen2-MoE has one, sigmoid-gated)
+};
+
+// Mamba (selective SSM) mixer shape (Mamba, Jamba).
+struct MambaConfig {
+  int d_inner = 0;   // expand * hidden_size
+  int d_state = 0;   // N
+  int d_conv = 0;    // K, the conv1d kernel width
+  int dt_rank = 0;
+  bool conv_bias = true;
+  bool proj_bias = false;     // in_proj / out_proj biases
+  bool bcdt_norms = false;    // Jamba: RMSNorm on dt, B and C before the scan
+};
 
 struct ModelConfig {
   Architecture architecture = Architecture::kLlama;
@@ -35,12 +59,26 @@ struct ModelConfig {
   std::vector<int> eos_token_ids;
   std::string torch_dtype = "float32";
   int kv_block_size = 16;       // cleave's paged-KV block size; not an HF field
+  bool use_rope = true;         // Jamba's attention has no positional encoding
+  // Per layer, num_hidden_layers long: filled for every architecture (all kAttention / kDense for
+  // the Llama family).
+  std::vector<MixerKind> layer_mixer;
+  std::vector<FfnKind> layer_ffn;
+  MoeConfig moe;
+  MambaConfig mamba;
 
   bool IsEos(int id) const {
     for (int e : eos_token_ids) if (e == id) return true;
     return id == eos_token_id;
   }
   int q_size() const { return num_attention_heads * head_dim; }
+  int num_layers_of(MixerKind kind) const {
+    int n = 0;
+    for (MixerKind m : layer_mixer) n += m == kind;
+    return n;
+  }
+  // True when requests carry per-layer recurrent state (conv + SSM) besides attention KV.
+  bool has_ssm_state() const { return num_layers_of(MixerKind::kMamba) > 0; }
   int kv_size() const { return num_key_value_heads * head_dim; }
 };
 

@@ -21,6 +21,10 @@ struct ForwardBatch {
   int max_blocks_per_seq = 0;
   std::vector<int32_t> slot_mapping;     // [T] cache slot of each new token
   std::vector<int32_t> logits_indices;   // rows of T whose logits are wanted (e.g. last of each seq)
+  // Models with Mamba layers: [B] the state slot of each sequence, and whether the pass continues
+  // from the slot's state (cached_len > 0) or starts the sequence from zero state.
+  std::vector<int32_t> state_slots;
+  std::vector<int32_t> has_initial_state;
 
   int num_tokens() const { return static_cast<int>(token_ids.size()); }
   int num_seqs() const { return static_cast<int>(seq_lens.size()); }
@@ -28,9 +32,10 @@ struct ForwardBatch {
 
   // Appends sequence `tokens` (new tokens) whose KV will be `cached_len + tokens.size()` long,
   // stored in `blocks` (at least enough for that length). `want_logits` asks for the last
-  // token's logits. Call Finalize() after the last sequence.
+  // token's logits. `state_slot` is the sequence's Mamba state slot (-1 for models without Mamba
+  // layers). Call Finalize() after the last sequence.
   void AddSequence(std::span<const int32_t> tokens, int cached_len, std::span<const int32_t> blocks,
-                   int block_size, bool want_logits);
+                   int block_size, bool want_logits, int state_slot = -1);
   // Pads block tables to the longest row; InvalidArgument if the plan is inconsistent.
   [[nodiscard]] absl::Status Finalize();
 

@@ -10,7 +10,7 @@
 #include "absl/status/statusor.h"
 #include "cleave/kernels/sampling.h"
 #include "cleave/model/kv_cache.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 
 namespace cleave::model {
 
@@ -46,7 +46,7 @@ using TokenCallback = std::function<bool(int32_t token)>;
 // Not thread-safe: one Generate() at a time per Generator (it owns one cache).
 class Generator {
  public:
-  static absl::StatusOr<std::unique_ptr<Generator>> Create(const LlamaModel& model,
+  static absl::StatusOr<std::unique_ptr<Generator>> Create(const DecoderModel& model,
                                                            const GeneratorOptions& options);
 
   // Prompt longer than the context (or empty) is InvalidArgument. max_tokens is clipped to the
@@ -57,10 +57,10 @@ class Generator {
   int max_context() const { return max_context_; }
 
  private:
-  Generator(const LlamaModel& model, GeneratorOptions options, int max_context,
+  Generator(const DecoderModel& model, GeneratorOptions options, int max_context,
             std::unique_ptr<KvCache> cache);
 
-  const LlamaModel& model_;
+  const DecoderModel& model_;
   GeneratorOptions options_;
   int max_context_;
   std::unique_ptr<KvCache> cache_;

@@ -1,5 +1,5 @@
 // Converter from a llama2.c "legacy" checkpoint (karpathy/llama2.c run.c format) to a Hugging
-// Face-style model directory that LlamaModel loads.
+// Face-style model directory that DecoderModel loads.
 #pragma once
 
 #include <filesystem>

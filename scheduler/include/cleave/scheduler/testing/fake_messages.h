@@ -20,6 +20,7 @@ struct WorkerSpec {
   int max_running = 64;
   int max_batch_tokens = 256;
   int max_model_len = 4096;
+  int num_state_slots = 0;  // Mamba models
   std::string name = "worker";
 };
 
@@ -36,6 +37,7 @@ inline v1::RegisterWorkerRequest Registration(const WorkerSpec& spec) {
   reg.set_vocab_size(32000);
   reg.set_max_model_len(spec.max_model_len);
   reg.set_name(spec.name);
+  reg.set_num_state_slots(spec.num_state_slots);
   return reg;
 }
 

@@ -1,4 +1,4 @@
-// Moving KV blocks (and later SSM state and activations) between workers.
+// Moving KV blocks and Mamba state (and later activations) between workers.
 //
 // One interface, several backends chosen by the peer address:
 //   "HOST:PORT"        TCP over host memory (framed; every length and block id is checked on the
@@ -6,8 +6,9 @@
 //   "inproc://NAME"    a memcpy into a receiver in the same process (tests, single-process modes)
 // The NCCL backend (CUDA issue) plugs in as another scheme behind the same two classes.
 //
-// A transfer is keyed by (request_id, attempt). The prefill side sends, per layer, the K and V
-// data of a set of destination blocks; then Finish. The decode side writes each frame straight
+// A transfer is keyed by (request_id, attempt). The prefill side sends, per attention layer, the K
+// and V data of a set of destination blocks, and per Mamba layer the request's conv and SSM state
+// for one destination state slot; then Finish. The decode side writes each frame straight
 // into its KV cache (through KvBlockStore) and reports the transfer complete once every expected
 // block of every layer has arrived followed by the finish frame.
 #pragma once
@@ -33,8 +34,20 @@ struct KvGeometry {
   int num_kv_heads = 0;
   int head_dim = 0;
   int num_blocks = 0;  // receiver's pool size: every block id must be < num_blocks
+  // Models with Mamba layers: state_layers[l] != 0 marks layer l as a state layer (it carries one
+  // slot's conv + SSM state, no KV blocks); empty means every layer is a KV layer. A slot's state
+  // in one state layer is conv_state_bytes (f32 [d_inner, d_conv - 1]) followed on the wire by
+  // ssm_state_bytes (f32 [d_inner, d_state]). (The "= {}" keeps designated initializers that
+  // omit it free of -Wmissing-field-initializers.)
+  std::vector<uint8_t> state_layers = {};
+  size_t conv_state_bytes = 0;
+  size_t ssm_state_bytes = 0;
+  int num_state_slots = 0;  // receiver's pool size: every slot must be < num_state_slots
   size_t block_bytes() const {
     return static_cast<size_t>(block_size) * num_kv_heads * head_dim * sizeof(float);
+  }
+  bool is_state_layer(int layer) const {
+    return layer >= 0 && static_cast<size_t>(layer) < state_layers.size() && state_layers[layer] != 0;
   }
   bool operator==(const KvGeometry&) const = default;
 };
@@ -46,6 +59,12 @@ class KvBlockStore {
   virtual const KvGeometry& geometry() const = 0;
   // Start of block `block` of layer `layer`'s K (is_value false) or V pool; block_bytes() long.
   virtual std::byte* BlockData(int layer, bool is_value, int block) = 0;
+  // Start of slot `slot`'s conv state (is_ssm false, conv_state_bytes long) or SSM state
+  // (ssm_state_bytes long) in state layer `layer`. Stores of models without state return nullptr.
+  virtual std::byte* StateData(int layer, bool is_ssm, int slot) {
+    (void)layer, (void)is_ssm, (void)slot;
+    return nullptr;
+  }
 };
 
 // One layer of one request, as the sender hands it over: for each destination block i, the bytes
@@ -59,6 +78,17 @@ struct KvLayerSend {
   std::span<const std::byte* const> v_src;
 };
 
+// One state layer of one request: conv_state_bytes at conv_src and ssm_state_bytes at ssm_src go
+// to slot dst_slot of layer `layer`.
+struct KvStateSend {
+  uint64_t request_id = 0;
+  uint32_t attempt = 0;
+  int layer = 0;
+  int dst_slot = 0;
+  const std::byte* conv_src = nullptr;
+  const std::byte* ssm_src = nullptr;
+};
+
 using DoneCallback = std::function<void(absl::Status)>;
 
 // Sends to any number of peers; thread-safe. Data is copied (or written) before SendLayer
@@ -68,6 +98,8 @@ class KvSender {
  public:
   virtual ~KvSender() = default;
   [[nodiscard]] virtual absl::Status SendLayer(const std::string& peer, const KvLayerSend& layer) = 0;
+  // Same contract as SendLayer, for a state layer.
+  [[nodiscard]] virtual absl::Status SendState(const std::string& peer, const KvStateSend& state) = 0;
   // Ends the transfer; `done` runs (on a transport thread) once every frame of the request has
   // been written to the peer, or with the error that stopped it (peer unreachable, timeout).
   // "Written" means handed to the peer's socket: whether the receiver accepted the transfer is
@@ -84,7 +116,8 @@ class KvSender {
 // thread), never under a transport lock, so they may call Expect / Forget. They must not destroy
 // the receiver. None runs once the receiver's destructor has started.
 struct ReceiverCallbacks {
-  // Every expected block of every layer arrived, then the finish frame.
+  // Every expected block of every KV layer arrived, and (when a state slot is expected) the state
+  // of every state layer, then the finish frame.
   std::function<void(uint64_t request_id, uint32_t attempt)> on_ready;
   // A frame for this transfer broke the agreement (unknown block, wrong layer, short data, or
   // the sender's connection dropped mid-transfer). The transfer is forgotten.
@@ -98,9 +131,11 @@ class KvReceiver {
   // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME").
   virtual std::string address() const = 0;
   // Agreement from the scheduler: frames of (request_id, attempt) may write exactly `blocks`
-  // (in every layer). Frames for transfers not expected are refused (read and dropped), so
-  // Expect must come before the sender's first frame. Replaces an earlier agreement for the key.
-  virtual void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) = 0;
+  // (in every KV layer) and, when state_slot >= 0, that slot (in every state layer). Frames for
+  // transfers not expected are refused (read and dropped), so Expect must come before the
+  // sender's first frame. Replaces an earlier agreement for the key.
+  virtual void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks,
+                      int state_slot = -1) = 0;
   // Drops an expectation (request cancelled or preempted); late frames for it are discarded.
   // When Forget returns, no write for the transfer is in flight and none will start, so its
   // blocks may be handed to another request. (It waits for a frame being received into them:
@@ -115,10 +150,13 @@ struct TransportOptions {
   int connect_timeout_ms = 3000;
   int io_timeout_ms = 10000;              // a stalled peer fails the transfer after this
   // Senders only: the KV shape this process sends. SendLayer copies geometry.block_bytes() from
-  // each source pointer (the spans carry no sizes), and the TCP handshake states
-  // (num_layers, block_bytes) so a receiver whose store has another shape refuses the
-  // connection. Receivers ignore it and use their store's geometry. Unset (num_layers == 0):
-  // SendLayer fails with FailedPrecondition.
+  // each source pointer (the spans carry no sizes), SendState conv_state_bytes and
+  // ssm_state_bytes, and the TCP handshake states (num_layers, block_bytes, which layers carry
+  // state, conv/SSM bytes) so a receiver whose store has another shape refuses the connection.
+  // Pool sizes (num_blocks, num_state_slots) are optional here: when set, sends naming ids
+  // beyond them fail early. Receivers ignore it and use their store's geometry. Unset or
+  // unusable (num_layers == 0, or a KV / state layer without its sizes): SendLayer / SendState
+  // fail with FailedPrecondition.
   KvGeometry geometry;
 };
 

@@ -8,7 +8,7 @@
 // simply sits out until its AppendBlocks arrives.
 //
 // Roles: PREFILL computes prompts and ships each layer's KV to the request's decode worker as
-// soon as that layer is done (per chunk), samples the first token, then forgets the request once
+// soon as that layer is done (per chunk; a Mamba layer's state after the prompt's last chunk), samples the first token, then forgets the request once
 // the transfer is flushed; DECODE runs requests whose KV was transferred in; COLOCATED runs both
 // phases (mixed batches: decode tokens plus prefill chunks).
 #pragma once
@@ -23,7 +23,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "cleave/model/kv_cache.h"
-#include "cleave/model/llama.h"
+#include "cleave/model/decoder.h"
 #include "cleave/transport/kv_transport.h"
 #include "cleave/v1/control.pb.h"
 
@@ -41,6 +41,7 @@ class KvCacheStore : public transport::KvBlockStore {
   KvCacheStore(model::KvCache& cache, const model::ModelConfig& config);
   const transport::KvGeometry& geometry() const override { return geometry_; }
   std::byte* BlockData(int layer, bool is_value, int block) override;
+  std::byte* StateData(int layer, bool is_ssm, int slot) override;
 
  private:
   model::KvCache& cache_;
@@ -53,7 +54,7 @@ class Engine {
 
   // `sender` is required for the PREFILL role. `emit` is called from the engine thread (step
   // results, KvSent) and must be thread-safe against the transport callbacks that also report.
-  Engine(const model::LlamaModel& model, model::KvCache& cache, EngineOptions options,
+  Engine(const model::DecoderModel& model, model::KvCache& cache, EngineOptions options,
          transport::KvSender* sender, Emit emit);
   ~Engine();
 
@@ -79,8 +80,10 @@ class Engine {
   void Apply(const v1::SchedulerMessage& message);
   absl::Status ShipLayer(int layer, const std::vector<Seq*>& seqs,
                          const std::vector<std::pair<int, int>>& spans);
+  absl::Status ShipState(int layer, const std::vector<Seq*>& seqs,
+                         const std::vector<std::pair<int, int>>& spans);
 
-  const model::LlamaModel& model_;
+  const model::DecoderModel& model_;
   model::KvCache& cache_;
   EngineOptions options_;
   transport::KvSender* sender_;

@@ -1,0 +1,394 @@
+// CPU mixture-of-experts (see moe.h).
+//
+// MoeRoute is per token (softmax, top-k) followed by a counting sort of the T*k slots by expert.
+// MoeExperts gathers each expert's rows into one contiguous block and runs the block through three
+// Linear calls, so an expert's weights are read once per pass however many tokens chose it; the
+// parallelism is Linear's own (over the block's output tiles), and experts run one after another:
+// splitting the pool across experts instead would leave cores idle whenever the load is uneven,
+// which routing makes the common case. The un-permute sums each token's k expert rows in slot
+// order with a fixed operation sequence, so with Linear in batch-invariant mode a token's output
+// row is bitwise independent of what else is in the batch.
+#include "cleave/kernels/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "check.h"
+#include "cleave/common/status.h"
+#include "cleave/kernels/activation.h"
+#include "cleave/kernels/gemm.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace cleave::kernels {
+namespace {
+
+// Expert ids, slots and permuted rows are int32 in MoeRouting.
+constexpr int64_t kInt32Max = 0x7fffffff;
+// Elements of work per ParallelFor chunk below which the pool hand-off costs more than it saves.
+constexpr int64_t kMinWorkPerChunk = 16384;
+
+int64_t MinChunk(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerChunk / std::max<int64_t>(1, work_per_item));
+}
+
+// Row stride of a 2-D view; a single row's stride is meaningless, so it is taken as packed.
+int64_t RowStride(const Tensor& t) { return t.dim(0) > 1 ? t.stride(0) : t.dim(1); }
+
+// ---------------------------------------------------------------------------------------------
+// MoeRoute
+
+// Slot order: descending probability, the lower expert id first on ties (torch.topk on CPU). NaN
+// ranks above every number, as in torch.topk, which also keeps this a strict weak order (and
+// std::partial_sort well-defined) whatever the logits hold.
+struct RanksBefore {
+  const float* probs;
+  bool operator()(int32_t a, int32_t b) const {
+    const float pa = probs[a], pb = probs[b];
+    const bool na = std::isnan(pa), nb = std::isnan(pb);
+    if (na != nb) return na;
+    if (na || pa == pb) return a < b;
+    return pa > pb;
+  }
+};
+
+// One token: f32 softmax over its E logits (max-subtracted), then its top-k slots. `probs` and
+// `order` are scratch of E entries.
+void RouteToken(const float* logits, int num_experts, int top_k, bool renormalize, float* probs,
+                int32_t* order, int32_t* ids, float* weights) {
+  float max = logits[0];
+  for (int e = 1; e < num_experts; ++e) max = std::max(max, logits[e]);
+  float sum = 0.0f;
+  for (int e = 0; e < num_experts; ++e) {
+    probs[e] = std::exp(logits[e] - max);
+    sum += probs[e];
+  }
+  for (int e = 0; e < num_experts; ++e) probs[e] /= sum;
+
+  std::iota(order, order + num_experts, 0);
+  std::partial_sort(order, order + top_k, order + num_experts, RanksBefore{probs});
+  float top_sum = 0.0f;
+  for (int j = 0; j < top_k; ++j) {
+    ids[j] = order[j];
+    weights[j] = probs[order[j]];
+    top_sum += weights[j];
+  }
+  if (renormalize) {
+    for (int j = 0; j < top_k; ++j) weights[j] /= top_sum;
+  }
+}
+
+// Counting sort of the slots by expert. Slots are visited in increasing order (token-major), so
+// each expert's rows come out in increasing token order.
+void BuildPermutation(MoeRouting& routing) {
+  const int num_experts = routing.num_experts;
+  const size_t slots = routing.topk_ids.size();
+  std::vector<int32_t>& offsets = routing.expert_offsets;
+  offsets.assign(static_cast<size_t>(num_experts) + 1, 0);
+  for (int32_t id : routing.topk_ids) ++offsets[static_cast<size_t>(id) + 1];
+  for (int e = 0; e < num_experts; ++e) offsets[e + 1] += offsets[e];
+  std::vector<int32_t> cursor(offsets.begin(), offsets.end() - 1);
+  routing.permuted_slots.resize(slots);
+  for (size_t s = 0; s < slots; ++s) {
+    routing.permuted_slots[cursor[routing.topk_ids[s]]++] = static_cast<int32_t>(s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoeExperts argument checks
+
+// weights.<name>[e]: f32/bf16/f16, contiguous, of shape [rows, cols], on the CPU.
+absl::Status CheckExpertWeight(const char* op, const char* name, int e, const Tensor& w,
+                               int64_t rows, int64_t cols) {
+  const std::string label = absl::StrCat("weights.", name, "[", e, "]");
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckOnCpu(op, label.c_str(), w));
+  if (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16 && w.dtype() != DType::kF16) {
+    return cpu::ArgError(op, label.c_str(), w, "must be f32, bf16 or f16");
+  }
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, label.c_str(), w, w.dtype(), {rows, cols}));
+  return cpu::CheckContiguous(op, label.c_str(), w);
+}
+
+// Every expert's gate/up [F, D] and down [D, F], with one F for all; returns F.
+absl::Status CheckExpertWeights(const char* op, const MoeExpertWeights& weights, int64_t d,
+                                int64_t& f) {
+  const size_t num_experts = weights.gate.size();
+  if (num_experts == 0 || weights.up.size() != num_experts || weights.down.size() != num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": weights hold ", weights.gate.size(), " gate, ", weights.up.size(), " up and ",
+        weights.down.size(), " down projections; expected the same number >= 1 of each"));
+  }
+  if (num_experts > static_cast<size_t>(kInt32Max)) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", num_experts, " experts"));
+  }
+  CLEAVE_RETURN_IF_ERROR(CheckExpertWeight(op, "gate", 0, weights.gate[0], cpu::kAnyDim, d));
+  f = weights.gate[0].dim(0);
+  for (int e = 0; e < static_cast<int>(num_experts); ++e) {
+    CLEAVE_RETURN_IF_ERROR(CheckExpertWeight(op, "gate", e, weights.gate[e], f, d));
+    CLEAVE_RETURN_IF_ERROR(CheckExpertWeight(op, "up", e, weights.up[e], f, d));
+    CLEAVE_RETURN_IF_ERROR(CheckExpertWeight(op, "down", e, weights.down[e], d, f));
+  }
+  return absl::OkStatus();
+}
+
+// True when the memory spanned by two 2-D f32 views intersects.
+bool Overlap(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const Tensor& t) {
+    const char* begin = static_cast<const char*>(t.data());
+    const int64_t elems = (t.dim(0) - 1) * RowStride(t) + t.dim(1);
+    return std::pair{begin, begin + elems * static_cast<int64_t>(sizeof(float))};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// Checks that `routing` describes T tokens over E experts consistently (every expert id in range,
+// offsets a partition of the T*k rows, permuted_slots a permutation of the slots with each row in
+// its expert's range) and fills slot_rows with the inverse permutation: slot s is permuted row
+// slot_rows[s]. A routing that MoeRoute did not fill is therefore caught here, not by a read out
+// of bounds.
+absl::Status CheckRoutingAndInvert(const char* op, const MoeRouting& routing, int64_t t,
+                                   int num_experts, std::vector<int32_t>& slot_rows) {
+  const auto error = [op](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": routing ", parts...));
+  };
+  if (routing.num_tokens != t) return error("is for ", routing.num_tokens, " tokens, x has ", t);
+  if (routing.num_experts != num_experts) {
+    return error("is over ", routing.num_experts, " experts, weights hold ", num_experts);
+  }
+  const int k = routing.top_k;
+  if (k < 1 || k > num_experts) return error("top_k ", k, " is not in [1, ", num_experts, "]");
+  if (t * k > kInt32Max) return error("has ", t * k, " slots, more than int32 indexes");
+  const size_t slots = static_cast<size_t>(t * k);
+  if (routing.topk_ids.size() != slots || routing.topk_weights.size() != slots ||
+      routing.permuted_slots.size() != slots ||
+      routing.expert_offsets.size() != static_cast<size_t>(num_experts) + 1) {
+    return error("buffers have the wrong sizes (topk_ids ", routing.topk_ids.size(),
+                 ", topk_weights ", routing.topk_weights.size(), ", permuted_slots ",
+                 routing.permuted_slots.size(), ", expert_offsets ", routing.expert_offsets.size(),
+                 "; expected ", slots, ", ", slots, ", ", slots, ", ", num_experts + 1, ")");
+  }
+  const std::vector<int32_t>& offsets = routing.expert_offsets;
+  if (offsets[0] != 0 || static_cast<size_t>(offsets[num_experts]) != slots) {
+    return error("expert_offsets must run from 0 to ", slots);
+  }
+  slot_rows.assign(slots, -1);
+  for (int e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] < offsets[e]) return error("expert_offsets decrease at expert ", e);
+    for (int32_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      const int32_t s = routing.permuted_slots[r];
+      if (s < 0 || static_cast<size_t>(s) >= slots) {
+        return error("permuted_slots[", r, "] = ", s, " is not a slot");
+      }
+      if (routing.topk_ids[s] != e) {
+        return error("row ", r, " is in expert ", e, "'s range but slot ", s, " chose expert ",
+                     routing.topk_ids[s]);
+      }
+      if (slot_rows[s] != -1) return error("slot ", s, " appears twice in permuted_slots");
+      slot_rows[s] = r;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckExpertsArgs(const char* op, const Tensor& x, const MoeRouting& routing,
+                              const MoeExpertWeights& weights, MoeWorkspace& ws, const Tensor& out,
+                              Stream* stream, int64_t& f) {
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(op, stream));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "x", x, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "x", x));
+  const int64_t t = x.dim(0), d = x.dim(1);
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(op, "out", out, DType::kF32, {t, d}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(op, "out", out));
+  if (t > 1 && out.stride(0) < d) return cpu::ArgError(op, "out", out, "has overlapping rows");
+  if (Overlap(x, out)) return cpu::ArgError(op, "out", out, "must not alias x");
+  CLEAVE_RETURN_IF_ERROR(CheckExpertWeights(op, weights, d, f));
+  return CheckRoutingAndInvert(op, routing, t, weights.num_experts(), ws.slot_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoeExperts compute
+
+template <typename T>
+T* Grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+#if CLEAVE_CPU_AVX2
+inline float MulAdd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#else
+inline float MulAdd(float a, float b, float c) { return a * b + c; }
+#endif
+
+// out[i] = w * src[i].
+void ScaleRow(float w, const float* src, int64_t n, float* out) {
+  int64_t i = 0;
+#if CLEAVE_CPU_AVX2
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(wv, _mm256_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) out[i] = w * src[i];
+}
+
+// out[i] = fma(w, src[i], out[i]): one rounding per element, the same in the vector body and tail.
+void AxpyRow(float w, const float* src, int64_t n, float* out) {
+  int64_t i = 0;
+#if CLEAVE_CPU_AVX2
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i,
+                     _mm256_fmadd_ps(wv, _mm256_loadu_ps(src + i), _mm256_loadu_ps(out + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = MulAdd(w, src[i], out[i]);
+}
+
+// permuted_x[r] = x[token of permuted_slots[r]].
+void GatherRows(const Tensor& x, const MoeRouting& routing, float* permuted_x) {
+  const int64_t d = x.dim(1), ldx = RowStride(x);
+  const float* src = x.data_as<const float>();
+  const int64_t rows = static_cast<int64_t>(routing.permuted_slots.size());
+  cpu::ParallelFor(rows, MinChunk(d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t token = routing.permuted_slots[r] / routing.top_k;
+      std::memcpy(permuted_x + r * d, src + token * ldx, static_cast<size_t>(d) * sizeof(float));
+    }
+  });
+}
+
+// Expert e's block of rows through SwiGLU(x gate^T, x up^T) down^T: three GEMMs over all its rows.
+absl::Status RunExpert(int e, const MoeRouting& routing, const MoeExpertWeights& weights, int64_t d,
+                       int64_t f, MoeWorkspace& ws) {
+  const int64_t r0 = routing.expert_offsets[e];
+  const int64_t n = routing.expert_offsets[e + 1] - r0;
+  if (n == 0) return absl::OkStatus();
+  Tensor x(ws.permuted_x.data() + r0 * d, DType::kF32, {n, d});
+  Tensor gate_up(ws.gate_up.data() + r0 * 2 * f, DType::kF32, {n, 2 * f});
+  Tensor gate = gate_up.Narrow(1, 0, f), up = gate_up.Narrow(1, f, f);
+  Tensor act(ws.act.data() + r0 * f, DType::kF32, {n, f});
+  Tensor y(ws.expert_out.data() + r0 * d, DType::kF32, {n, d});
+  CLEAVE_RETURN_IF_ERROR(Linear(x, weights.gate[e], nullptr, gate));
+  CLEAVE_RETURN_IF_ERROR(Linear(x, weights.up[e], nullptr, up));
+  CLEAVE_RETURN_IF_ERROR(SwiGlu(gate_up, act));
+  return Linear(act, weights.down[e], nullptr, y);
+}
+
+// out[t] = sum over slots j in order of topk_weights[t*k + j] * expert_out[slot_rows[t*k + j]].
+void Unpermute(const MoeRouting& routing, const MoeWorkspace& ws, int64_t d, Tensor& out) {
+  const int64_t t = out.dim(0), k = routing.top_k, ldo = RowStride(out);
+  float* o = out.data_as<float>();
+  const float* rows = ws.expert_out.data();
+  cpu::ParallelFor(t, MinChunk(k * d), [&](int64_t begin, int64_t end) {
+    for (int64_t token = begin; token < end; ++token) {
+      const int64_t s0 = token * k;
+      float* dst = o + token * ldo;
+      ScaleRow(routing.topk_weights[s0], rows + ws.slot_rows[s0] * d, d, dst);
+      for (int64_t j = 1; j < k; ++j) {
+        AxpyRow(routing.topk_weights[s0 + j], rows + ws.slot_rows[s0 + j] * d, d, dst);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+absl::Status MoeRoute(const Tensor& router_logits, int top_k, bool renormalize, MoeRouting& routing,
+                      Stream* stream) {
+  constexpr const char* kOp = "MoeRoute";
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "router_logits", router_logits, DType::kF32,
+                                          {cpu::kAnyDim, cpu::kAnyDim}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "router_logits", router_logits));
+  const int64_t t = router_logits.dim(0), num_experts = router_logits.dim(1);
+  if (num_experts > kInt32Max) {
+    return cpu::ArgError(kOp, "router_logits", router_logits, "has more experts than int32 ids");
+  }
+  if (top_k < 1 || top_k > num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": top_k ", top_k, " must be in [1, ",
+                                                   num_experts, "] (router_logits ",
+                                                   router_logits.DebugString(), ")"));
+  }
+  if (t * top_k > kInt32Max) {
+    return cpu::ArgError(kOp, "router_logits", router_logits,
+                         absl::StrCat("with top_k ", top_k, " has more slots than int32 indexes"));
+  }
+
+  routing.num_tokens = static_cast<int>(t);
+  routing.num_experts = static_cast<int>(num_experts);
+  routing.top_k = top_k;
+  const size_t slots = static_cast<size_t>(t * top_k);
+  routing.topk_ids.resize(slots);
+  routing.topk_weights.resize(slots);
+  const float* logits = router_logits.data_as<const float>();
+  const int64_t ld = RowStride(router_logits);
+  cpu::ParallelFor(t, MinChunk(8 * num_experts), [&](int64_t begin, int64_t end) {
+    std::vector<float> probs(static_cast<size_t>(num_experts));
+    std::vector<int32_t> order(static_cast<size_t>(num_experts));
+    for (int64_t i = begin; i < end; ++i) {
+      RouteToken(logits + i * ld, routing.num_experts, top_k, renormalize, probs.data(),
+                 order.data(), routing.topk_ids.data() + i * top_k,
+                 routing.topk_weights.data() + i * top_k);
+    }
+  });
+  BuildPermutation(routing);
+  return absl::OkStatus();
+}
+
+absl::Status MoeExperts(const Tensor& x, const MoeRouting& routing, const MoeExpertWeights& weights,
+                        MoeWorkspace& ws, Tensor& out, Stream* stream) {
+  constexpr const char* kOp = "MoeExperts";
+  int64_t f = 0;
+  CLEAVE_RETURN_IF_ERROR(CheckExpertsArgs(kOp, x, routing, weights, ws, out, stream, f));
+  const int64_t d = x.dim(1);
+  const size_t rows = routing.permuted_slots.size();
+  if (rows == 0 || d == 0) return absl::OkStatus();
+
+  GatherRows(x, routing, Grow(ws.permuted_x, rows * static_cast<size_t>(d)));
+  Grow(ws.gate_up, rows * static_cast<size_t>(2 * f));
+  Grow(ws.act, rows * static_cast<size_t>(f));
+  Grow(ws.expert_out, rows * static_cast<size_t>(d));
+  for (int e = 0; e < weights.num_experts(); ++e) {
+    CLEAVE_RETURN_IF_ERROR(RunExpert(e, routing, weights, d, f, ws));
+  }
+  Unpermute(routing, ws, d, out);
+  return absl::OkStatus();
+}
+
+absl::Status SigmoidGatedAdd(const Tensor& gate_logit, const Tensor& y, Tensor& out,
+                             Stream* stream) {
+  constexpr const char* kOp = "SigmoidGatedAdd";
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "y", y, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "y", y));
+  const int64_t t = y.dim(0), d = y.dim(1);
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "gate_logit", gate_logit, DType::kF32, {t, 1}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "out", out, DType::kF32, {t, d}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "out", out));
+  if (t > 1 && out.stride(0) < d) return cpu::ArgError(kOp, "out", out, "has overlapping rows");
+  if (t == 0 || d == 0) return absl::OkStatus();
+
+  const float* g = gate_logit.data_as<const float>();
+  const int64_t ldg = t > 1 ? gate_logit.stride(0) : 1;
+  const float* src = y.data_as<const float>();
+  float* dst = out.data_as<float>();
+  const int64_t ldy = RowStride(y), ldo = RowStride(out);
+  cpu::ParallelFor(t, MinChunk(d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float s = 1.0f / (1.0f + std::exp(-g[i * ldg]));
+      AxpyRow(s, src + i * ldy, d, dst + i * ldo);
+    }
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace cleave::kernels

@@ -1,0 +1,75 @@
+// Mixture-of-experts FFN: router, permutation grouped by expert, the experts as one grouped GEMM
+// pass, weighted un-permute. The CUDA backend implements the same calls.
+//
+//   router_logits = x · W_router^T                   (the model does this with Linear)
+//   MoeRoute:   softmax over experts, top-k, optional renormalisation -> MoeRouting
+//   MoeExperts: for each expert e, the rows routed to e are gathered into one contiguous block and
+//               run through SwiGLU(x W_gate_e^T, x W_up_e^T) W_down_e^T as three GEMMs; each
+//               token's output is the weighted sum of its k expert outputs, in slot order.
+//   SigmoidGatedAdd: out += sigmoid(gate_logit) * y  (Qwen2-MoE's shared expert)
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "cleave/kernels/backend.h"
+#include "cleave/kernels/tensor.h"
+
+namespace cleave::kernels {
+
+// Where the T tokens of one pass go. Filled by MoeRoute; buffers are reused across calls.
+struct MoeRouting {
+  int num_tokens = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  // [T * k]: token t's slot j chose expert topk_ids[t*k + j] with weight topk_weights[t*k + j].
+  // Slots are in descending weight order; equal weights keep the lower expert id first (as
+  // torch.topk does on CPU).
+  std::vector<int32_t> topk_ids;
+  std::vector<float> topk_weights;
+  // The permutation: rows [expert_offsets[e], expert_offsets[e+1]) of the permuted buffer belong
+  // to expert e, in increasing token order; permuted row r holds slot permuted_slots[r]
+  // (= t*k + j). expert_offsets: [E + 1], permuted_slots: [T * k].
+  std::vector<int32_t> expert_offsets;
+  std::vector<int32_t> permuted_slots;
+
+  int tokens_for_expert(int e) const { return expert_offsets[e + 1] - expert_offsets[e]; }
+};
+
+// router_logits: f32 [T, E] (contiguous rows). Softmax in f32 over all E experts, then the top_k
+// probabilities; with `renormalize` they are divided by their sum (Mixtral; Qwen2-MoE's
+// norm_topk_prob), otherwise kept as softmax probabilities (Qwen2-MoE default, Jamba).
+// 1 <= top_k <= E. Fills every field of `routing`.
+[[nodiscard]] absl::Status MoeRoute(const Tensor& router_logits, int top_k, bool renormalize,
+                                    MoeRouting& routing, Stream* stream = nullptr);
+
+// The weights of E experts, each a view in nn.Linear layout (f32, bf16 or f16):
+// gate[e], up[e]: [F, D]; down[e]: [D, F].
+struct MoeExpertWeights {
+  std::vector<Tensor> gate, up, down;
+  int num_experts() const { return static_cast<int>(gate.size()); }
+};
+
+// Scratch for MoeExperts, grown on demand and reused; one per executing thread.
+struct MoeWorkspace {
+  std::vector<float> permuted_x;   // [T*k, D]
+  std::vector<float> gate_up;      // [T*k, 2F]
+  std::vector<float> act;          // [T*k, F]
+  std::vector<float> expert_out;   // [T*k, D]
+  std::vector<int32_t> slot_rows;  // [T*k]: permuted row of slot t*k + j (inverse permutation)
+};
+
+// x: f32 [T, D]; out: f32 [T, D] (overwritten; must not alias x). Experts that receive no token
+// cost nothing. Each token's row of `out` depends only on its own row of x and its routing
+// (batch-invariant when Linear is).
+[[nodiscard]] absl::Status MoeExperts(const Tensor& x, const MoeRouting& routing,
+                                      const MoeExpertWeights& weights, MoeWorkspace& ws, Tensor& out,
+                                      Stream* stream = nullptr);
+
+// out[t, :] += sigmoid(gate_logit[t, 0]) * y[t, :]. gate_logit: f32 [T, 1]; y, out: f32 [T, D].
+[[nodiscard]] absl::Status SigmoidGatedAdd(const Tensor& gate_logit, const Tensor& y, Tensor& out,
+                                           Stream* stream = nullptr);
+
+}  // namespace cleave::kernels

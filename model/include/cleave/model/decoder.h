@@ -1,0 +1,146 @@
+// The decoder-only language models cleave runs: the Llama family (Llama, Mistral, Qwen2), MoE
+// (Mixtral, Qwen2-MoE), Mamba and the Jamba hybrid. They share one shape — embeddings, a stack of
+// (sequence mixer, FFN) layers over an RMSNorm'd residual stream, a final norm and an LM head —
+// and differ per layer in the mixer (attention over the paged KV cache, or a Mamba mixer over
+// per-request state slots) and the FFN (dense SwiGLU, mixture of experts, or none). Weights are
+// views of memory-mapped safetensors.
+//
+// A decoder layer is split at an explicit seam into its sequence mixer and its FFN,
+// each a public call that reads and writes the residual stream only, so that the two halves can
+// later run in different processes (attention–FFN disaggregation):
+//
+//   Embed -> for each layer: RunMixer(l) ; RunFfn(l) -> ComputeLogits
+//
+// The residual stream is carried as (residual, delta): each half first folds the previous half's
+// output into the residual and normalises it (fused AddRmsNorm), then writes its own delta.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cleave/kernels/backend.h"
+#include "cleave/kernels/moe.h"
+#include "cleave/kernels/tensor.h"
+#include "cleave/model/config.h"
+#include "cleave/model/forward_batch.h"
+#include "cleave/model/kv_cache.h"
+#include "cleave/model/weight_store.h"
+
+namespace cleave::model {
+
+// Scratch for one forward pass, grown on demand and reused across steps so a steady decode loop
+// does not allocate. One per executing thread.
+struct Workspace {
+  std::vector<float> residual, delta, normed, q, k, v, attn, gate_up, act;
+  std::vector<float> final_residual, final_delta, final_normed;
+  // Mamba mixer: in_proj output [T, 2 d_inner] (x | z), conv output, x_proj output [T, r + 2N],
+  // dt [T, d_inner], scan output.
+  std::vector<float> xz, conv_out, xdbc, dt, scan_out;
+  // MoE FFN.
+  std::vector<float> router_logits, moe_out, shared_gate;
+  kernels::MoeRouting routing;
+  kernels::MoeWorkspace moe;
+  // Router statistics: tokens routed to each expert of each layer since the caller last cleared
+  // it ([num_layers][num_experts]; empty rows for layers without MoE). For metrics and expert
+  // placement; RunFfn adds to it.
+  std::vector<std::vector<int64_t>> expert_tokens;
+};
+
+// The residual stream of the T tokens of one pass, f32 [T, hidden] each.
+struct HiddenState {
+  kernels::Tensor residual;
+  kernels::Tensor delta;
+};
+
+class DecoderModel {
+ public:
+  // Loads config.json and the safetensors weights of `model_dir`, checking every tensor's shape
+  // against the config. The weight files stay mapped for the model's lifetime.
+  // Models with Mamba layers read and write the state slots named by ForwardBatch::state_slots.
+  static absl::StatusOr<std::unique_ptr<DecoderModel>> Load(const std::filesystem::path& model_dir);
+  static absl::StatusOr<std::unique_ptr<DecoderModel>> FromWeights(ModelConfig config,
+                                                                 std::unique_ptr<WeightStore> weights);
+
+  const ModelConfig& config() const { return config_; }
+
+  // Whole pass: logits f32 [logits_indices.size(), vocab] written to `logits`. Thread-compatible:
+  // concurrent calls need their own Workspace and must not write the same cache blocks.
+  [[nodiscard]] absl::Status Forward(const ForwardBatch& batch, KvCache& cache, Workspace& ws,
+                                     std::vector<float>& logits) const;
+
+  // The pieces Forward is made of, public for disaggregated execution.
+  [[nodiscard]] absl::StatusOr<HiddenState> Embed(const ForwardBatch& batch, Workspace& ws) const;
+  [[nodiscard]] absl::Status RunMixer(int layer, const ForwardBatch& batch, KvCache& cache,
+                                      Workspace& ws, HiddenState& h) const;
+  [[nodiscard]] absl::Status RunFfn(int layer, Workspace& ws, HiddenState& h) const;
+  [[nodiscard]] absl::Status ComputeLogits(const ForwardBatch& batch, Workspace& ws, HiddenState& h,
+                                           std::vector<float>& logits) const;
+
+ private:
+  struct AttentionWeights {
+    kernels::Tensor wq, wk, wv, wo;  // [out, in], f32/bf16/f16 views of the mapped file
+    kernels::Tensor bq, bk, bv;      // f32, empty when the model has no attention bias
+  };
+  struct MambaWeights {
+    kernels::Tensor in_proj, in_proj_bias;    // [2 d_inner, D]; bias f32 or empty
+    kernels::Tensor conv_w, conv_b;           // owned f32 [d_inner, K], [d_inner] or empty
+    kernels::Tensor x_proj;                   // [dt_rank + 2N, d_inner]
+    kernels::Tensor dt_proj, dt_bias;         // [d_inner, dt_rank]; f32 [d_inner]
+    kernels::Tensor a;                        // owned f32 [d_inner, N] = -exp(A_log)
+    kernels::Tensor d;                        // f32 [d_inner]
+    kernels::Tensor out_proj, out_proj_bias;  // [D, d_inner]; bias f32 or empty
+    kernels::Tensor dt_norm, b_norm, c_norm;  // Jamba: f32 [dt_rank], [N], [N]; else empty
+  };
+  struct DenseFfnWeights {
+    kernels::Tensor w_gate, w_up, w_down;
+  };
+  struct MoeWeights {
+    kernels::Tensor router;  // [E, D]
+    kernels::MoeExpertWeights experts;
+    DenseFfnWeights shared;       // Qwen2-MoE's shared expert (empty tensors when absent)
+    kernels::Tensor shared_gate;  // [1, D]
+  };
+  struct Layer {
+    MixerKind mixer = MixerKind::kAttention;
+    FfnKind ffn = FfnKind::kDense;
+    kernels::Tensor input_norm, post_norm;  // f32 [D] (owned copies when stored as 16-bit)
+    AttentionWeights attn;
+    MambaWeights mamba;
+    DenseFfnWeights mlp;
+    MoeWeights moe;
+  };
+
+  absl::Status BindAttention(const std::string& prefix, AttentionWeights& w);
+  absl::Status BindMamba(const std::string& prefix, MambaWeights& w);
+  absl::Status BindDense(const std::string& prefix, const char* gate, const char* up,
+                         const char* down, int64_t f, DenseFfnWeights& w);
+  absl::Status BindMoe(const std::string& prefix, MoeWeights& w);
+  absl::StatusOr<kernels::Tensor> OwnedF32(const std::string& name, std::initializer_list<int64_t> shape);
+  absl::StatusOr<kernels::Tensor> OptionalVectorF32(const std::string& name, int64_t n, bool present);
+
+  absl::Status RunAttention(const Layer& L, int layer, const ForwardBatch& batch, KvCache& cache,
+                            Workspace& ws, const kernels::Tensor& normed, HiddenState& h) const;
+  absl::Status RunMamba(const Layer& L, int layer, const ForwardBatch& batch, KvCache& cache,
+                        Workspace& ws, const kernels::Tensor& normed, HiddenState& h) const;
+  absl::Status RunDense(const DenseFfnWeights& w, int64_t f, Workspace& ws,
+                        const kernels::Tensor& normed, kernels::Tensor& out) const;
+  absl::Status RunMoe(const Layer& L, int layer, Workspace& ws, const kernels::Tensor& normed,
+                      HiddenState& h) const;
+
+  DecoderModel(ModelConfig config, std::unique_ptr<WeightStore> weights);
+  absl::Status BindWeights();
+  absl::StatusOr<kernels::Tensor> VectorF32(const std::string& name, int64_t n);
+  void Reserve(Workspace& ws, int tokens) const;
+
+  ModelConfig config_;
+  std::unique_ptr<WeightStore> weights_;
+  std::vector<std::vector<float>> owned_;  // f32 copies of small vectors (norms, biases)
+  std::vector<Layer> layers_;
+  kernels::Tensor embed_, final_norm_, lm_head_;
+  std::vector<float> rope_cos_, rope_sin_;
+  kernels::Tensor rope_cos_t_, rope_sin_t_;
+};
+
+}  // namespace cleave::model
