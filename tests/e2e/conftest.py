@@ -29,8 +29,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config_text(workers, sched_port, http_port, grpc_port, **sched):
-    lines = [f"model: {MODEL}", "scheduler:", f"  listen: 127.0.0.1:{sched_port}",
+def config_text(workers, sched_port, http_port, grpc_port, model=MODEL, **sched):
+    lines = [f"model: {model}", "scheduler:", f"  listen: 127.0.0.1:{sched_port}",
              "  lease_ms: 2000", "  heartbeat_ms: 300"]
     for k, v in sched.items():
         lines.append(f"  {k}: {v}")
@@ -56,10 +56,11 @@ COLOCATED = [dict(role="colocated", replicas=1, kv_blocks=1024, threads=1)]
 
 
 class Cluster:
-    def __init__(self, tmp, workers, **sched):
+    def __init__(self, tmp, workers, model=MODEL, **sched):
         self.http_port, self.grpc_port, sched_port = free_port(), free_port(), free_port()
         self.config = Path(tmp) / "cleave.yaml"
-        self.config.write_text(config_text(workers, sched_port, self.http_port, self.grpc_port, **sched))
+        self.config.write_text(config_text(workers, sched_port, self.http_port, self.grpc_port,
+                                           model=model, **sched))
         self.log = open(Path(tmp) / "serve.log", "w+")
         self.proc = subprocess.Popen([CLEAVE, "serve", "--config", str(self.config)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -109,7 +110,8 @@ class Cluster:
         deadline = time.time() + timeout
         while True:
             stats = self.kv()
-            busy = [w for w in stats["workers"] if w["used_blocks"] != 0]
+            busy = [w for w in stats["workers"]
+                if w["used_blocks"] != 0 or w.get("free_state_slots", 0) != w.get("num_state_slots", 0)]
             if not busy and stats.get("num_running", 0) == 0 and stats.get("num_waiting", 0) == 0:
                 return stats
             if time.time() > deadline:
@@ -182,9 +184,9 @@ def openai_client(cluster, **kw):
     return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, **kw)
 
 
-def offline_generate(prompt, max_tokens):
+def offline_generate(prompt, max_tokens, model=MODEL, extra=()):
     """Greedy reference from `cleave generate` (one process, no serving)."""
-    out = subprocess.run([CLEAVE, "generate", "--model", MODEL, "--prompt", prompt, "--max-tokens",
-                          str(max_tokens), "--temperature", "0", "--threads", "1", "--json"],
+    out = subprocess.run([CLEAVE, "generate", "--model", model, "--prompt", prompt, "--max-tokens",
+                          str(max_tokens), "--temperature", "0", "--threads", "1", "--json", *extra],
                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
     return json.loads(out.stdout)

@@ -91,6 +91,8 @@ SimpleResponse DebugKv(const FrontendContext& ctx) {
                        {"cached_blocks", w.cached_blocks()},
                        {"used_blocks", w.used_blocks()},
                        {"num_running", w.num_running()},
+                       {"num_state_slots", w.num_state_slots()},
+                       {"free_state_slots", w.free_state_slots()},
                        {"kv_address", w.kv_address()}});
   }
   return JsonResponse(200, DumpJson({{"workers", std::move(workers)},

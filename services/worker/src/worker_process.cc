@@ -88,7 +88,9 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   topts.listen_host = o.kv_listen_host;
   topts.listen_port = o.kv_port;
   topts.geometry = store.geometry();
-  topts.geometry.num_blocks = 0;  // block ids are the decode worker's: its receiver checks them
+  // Block ids and state slots are the decode worker's: its receiver checks them.
+  topts.geometry.num_blocks = 0;
+  topts.geometry.num_state_slots = 0;
   std::unique_ptr<transport::KvSender> sender;
   if (o.role == v1::WORKER_ROLE_PREFILL) sender = transport::CreateKvSender(topts);
   std::unique_ptr<transport::KvReceiver> receiver;
