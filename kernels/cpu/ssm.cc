@@ -518,6 +518,31 @@ inline void LoadHistory(const float* src, int64_t hist, int64_t lanes, float* ds
   }
 }
 
+// dst[i * dst_stride + c] = w[c * ldw + i] for c < lanes, i < k: the weights of `lanes` channels
+// as K vectors. K = 4 with packed rows and full vectors is two rounds of unpacks / shuffles
+// (which leave channel order 0 2 4 6 1 3 5 7) and one permute.
+inline void LoadWeights(const float* w, int64_t ldw, int64_t k, int64_t lanes, float* dst,
+                        int64_t dst_stride) {
+#if CLEAVE_CPU_AVX2
+  if (k == 4 && ldw == 4 && lanes == kLanes) {
+    const __m256 r0 = _mm256_loadu_ps(w), r1 = _mm256_loadu_ps(w + 8);
+    const __m256 r2 = _mm256_loadu_ps(w + 16), r3 = _mm256_loadu_ps(w + 24);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 taps[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xee),
+                            _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xee)};
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(dst + i * dst_stride, _mm256_permutevar8x32_ps(taps[i], order));
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < lanes; ++c) {
+    for (int64_t i = 0; i < k; ++i) dst[i * dst_stride + c] = w[c * ldw + i];
+  }
+}
+
 // dst[c * 3 + i] = rows[i][c] for 8 channels.
 inline void StoreHistory3(const float* const* rows, float* dst) {
 #if CLEAVE_CPU_AVX2
@@ -584,8 +609,9 @@ void ConvItem(const ConvPlan& p, const SeqWork& s, int64_t t0, int64_t t1, int64
   const int64_t k = p.width, hist = k - 1, width = c1 - c0, cb = kConvBlock;
   if (scratch.call_id != p.call_id || scratch.c0 != c0) {
     scratch.weight.assign(static_cast<size_t>(k * cb), 0.0f);
-    for (int64_t c = 0; c < width; ++c) {
-      for (int64_t i = 0; i < k; ++i) scratch.weight[i * cb + c] = p.weight[(c0 + c) * p.ldw + i];
+    for (int64_t g = 0; g < width; g += kLanes) {
+      LoadWeights(p.weight + (c0 + g) * p.ldw, p.ldw, k, std::min(kLanes, width - g),
+                  scratch.weight.data() + g, cb);
     }
     scratch.call_id = p.call_id;
     scratch.c0 = c0;
@@ -596,12 +622,14 @@ void ConvItem(const ConvPlan& p, const SeqWork& s, int64_t t0, int64_t t1, int64
   float* slot_state = p.state + (s.slot * p.channels + c0) * hist;
   float* old = nullptr;
   if (t0 == 0) {
-    scratch.state.assign(static_cast<size_t>(std::max<int64_t>(hist, 1) * cb), 0.0f);
-    old = scratch.state.data();
+    scratch.state.resize(static_cast<size_t>(std::max<int64_t>(hist, 1) * cb));
+    old = scratch.state.data();  // only its first `width` columns are ever read
     if (s.has_initial_state) {
       for (int64_t g = 0; g < width; g += kLanes) {
         LoadHistory(slot_state + g * hist, hist, std::min(kLanes, width - g), old + g, cb);
       }
+    } else {
+      std::fill(old, old + hist * cb, 0.0f);
     }
   }
   // xpad(j) for j in [-(K - 1), len): the state below 0, the sequence's inputs from 0.
@@ -713,7 +741,7 @@ void ScanGroup(const ScanPlan& p, int64_t row0, int64_t len, int64_t ch, int64_t
       h[n] = da * h[n] + dbx;
       y += h[n] * ct[n];
     }
-    y += dv * u;
+    if (p.d != nullptr) y += dv * u;
     if (p.z != nullptr) {
       F8 zv, gate;
       LoadLanes(zv, p.z + r * p.ldz + ch, lanes);
