@@ -190,3 +190,24 @@ def offline_generate(prompt, max_tokens, model=MODEL, extra=()):
                           str(max_tokens), "--temperature", "0", "--threads", "1", "--json", *extra],
                          capture_output=True, text=True, cwd=ROOT, timeout=60, check=True)
     return json.loads(out.stdout)
+
+
+def grpc_generate_all(cluster, pbmod, prompts, timeout=120):
+    """Every (prompt, max_tokens) at once over the gRPC API, greedy; returns each one's token ids."""
+    import concurrent.futures as cf
+
+    import grpc
+    gen_pb, gen_grpc = pbmod
+    channel = grpc.insecure_channel(cluster.grpc_target)
+    stub = gen_grpc.GenerationStub(channel)
+
+    def one(pm):
+        prompt, max_tokens = pm
+        req = gen_pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens,
+                                     sampling=gen_pb.SamplingOptions(temperature=0))
+        return [t.token_id for r in stub.Generate(req, timeout=timeout) for t in r.tokens]
+
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        out = list(ex.map(one, prompts))
+    channel.close()
+    return out

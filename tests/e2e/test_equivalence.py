@@ -4,10 +4,9 @@ streamed and not."""
 import concurrent.futures as cf
 import random
 
-import grpc
 import pytest
 
-from conftest import offline_generate
+from conftest import grpc_generate_all, offline_generate
 from test_grpc_api import pb  # noqa: F401  (fixture)
 
 WORDS = ("the cat dog sun tree ran jumped happy little big red ball girl boy park mom said "
@@ -36,20 +35,7 @@ def reference():
 
 
 def run_all(cluster, pbmod):
-    gen_pb, gen_grpc = pbmod
-    channel = grpc.insecure_channel(cluster.grpc_target)
-    stub = gen_grpc.GenerationStub(channel)
-
-    def one(i):
-        prompt, max_tokens = PROMPTS[i]
-        req = gen_pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens,
-                                     sampling=gen_pb.SamplingOptions(temperature=0))
-        return [t.token_id for r in stub.Generate(req, timeout=120) for t in r.tokens]
-
-    with cf.ThreadPoolExecutor(64) as ex:
-        out = list(ex.map(one, range(len(PROMPTS))))
-    channel.close()
-    return out
+    return grpc_generate_all(cluster, pbmod, PROMPTS)
 
 
 def run_http(cluster):

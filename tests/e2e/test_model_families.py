@@ -9,10 +9,9 @@ chunks), and few running slots make requests wait for a state slot."""
 import concurrent.futures as cf
 import random
 
-import grpc
 import pytest
 
-from conftest import ROOT, Cluster, offline_generate
+from conftest import ROOT, Cluster, grpc_generate_all, offline_generate
 from test_grpc_api import pb  # noqa: F401  (fixture)
 
 FAMILIES = ["mixtral", "qwen2_moe", "mamba", "jamba"]
@@ -57,20 +56,7 @@ def reference(family):
 
 
 def run_all(cluster, pbmod):
-    gen_pb, gen_grpc = pbmod
-    channel = grpc.insecure_channel(cluster.grpc_target)
-    stub = gen_grpc.GenerationStub(channel)
-
-    def one(i):
-        prompt, max_tokens = PROMPTS[i]
-        req = gen_pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens,
-                                     sampling=gen_pb.SamplingOptions(temperature=0))
-        return [t.token_id for r in stub.Generate(req, timeout=120) for t in r.tokens]
-
-    with cf.ThreadPoolExecutor(32) as ex:
-        out = list(ex.map(one, range(len(PROMPTS))))
-    channel.close()
-    return out
+    return grpc_generate_all(cluster, pbmod, PROMPTS)
 
 
 @pytest.mark.parametrize("mode", ["colocated", "pd"])

@@ -12,6 +12,7 @@
 #include "cleave/model/decoder.h"
 #include "cleave/transport/kv_transport.h"
 #include "cleave/worker/engine.h"
+#include "engine_test_util.h"
 #include "gtest/gtest.h"
 
 namespace cleave::worker {
@@ -49,18 +50,7 @@ class EngineTest : public ::testing::Test {
 
   static v1::SchedulerMessage Add(uint64_t id, const std::vector<int32_t>& tokens, int num_prompt, int computed,
                                   std::vector<int32_t> blocks, int max_new) {
-    v1::SchedulerMessage m;
-    v1::AddRequest* a = m.mutable_add();
-    a->set_request_id(id);
-    a->set_attempt(1);
-    for (int32_t t : tokens) a->add_token_ids(t);
-    a->set_num_prompt_tokens(num_prompt);
-    a->set_num_computed_tokens(computed);
-    for (int32_t b : blocks) a->add_blocks(b);
-    a->mutable_sampling()->set_temperature(0);
-    a->mutable_sampling()->set_seed(1);
-    a->set_max_new_tokens(max_new);
-    return m;
+    return testing_util::MakeAdd(id, tokens, num_prompt, computed, blocks, max_new);
   }
 
   static std::vector<int32_t> Range(int begin, int n) {
