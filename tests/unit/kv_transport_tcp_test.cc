@@ -2,7 +2,7 @@
 // error (never a hang), and a hand-written client speaking garbage, lying lengths or stalling
 // mid-frame must not crash, hang or write through the receiver, which keeps serving good
 // transfers afterwards. The frames here are encoded by hand from the layout in frame.h, so they
-// also pin the wire format.
+// also pin the wire format (version 2: STATE frames and the state layout in the hello).
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -29,19 +29,57 @@ using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kHelloMagic = 0x31564b43;
 constexpr uint32_t kFrameMagic = 0x46564b43;
-constexpr uint16_t kLayer = 1, kFinish = 2;
+constexpr uint16_t kLayer = 1, kFinish = 2, kState = 3;
+constexpr uint16_t kWireVersion = 2;
 
 void Put(std::vector<std::byte>& out, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out.push_back(static_cast<std::byte>(v >> (8 * i)));
 }
 
-std::vector<std::byte> Hello(uint32_t layers, uint64_t block_bytes, uint32_t magic = kHelloMagic) {
+// The hello's state fields: which layers carry state (FNV-1a 64 over their u32 LE indices),
+// and a slot's conv and SSM bytes.
+struct StateLayout {
+  uint32_t num_state_layers = 0;
+  uint64_t conv_bytes = 0;
+  uint64_t ssm_bytes = 0;
+  uint64_t layers_hash = 0;
+};
+StateLayout LayoutOf(const KvGeometry& g) {
+  StateLayout s;
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (int l : StateLayers(g)) {
+    for (int i = 0; i < 4; ++i) {
+      h ^= static_cast<uint8_t>(static_cast<uint32_t>(l) >> (8 * i));
+      h *= 0x100000001b3ull;
+    }
+  }
+  s.num_state_layers = static_cast<uint32_t>(StateLayers(g).size());
+  if (s.num_state_layers > 0) {
+    s.conv_bytes = g.conv_state_bytes, s.ssm_bytes = g.ssm_state_bytes, s.layers_hash = h;
+  }
+  return s;
+}
+
+// A version 2 hello (48 bytes); version 1 stopped after block_bytes (24 bytes).
+std::vector<std::byte> Hello(uint32_t layers, uint64_t block_bytes, uint32_t magic = kHelloMagic,
+                             StateLayout state = {}, uint16_t version = kWireVersion) {
   std::vector<std::byte> b;
-  for (auto [v, n] : {std::pair<uint64_t, int>{magic, 4}, {1, 2}, {0, 2}, {layers, 4}, {0, 4},
+  for (auto [v, n] : {std::pair<uint64_t, int>{magic, 4},
+                      {version, 2},
+                      {0, 2},
+                      {layers, 4},
+                      {state.num_state_layers, 4},
                       {block_bytes, 8}}) {
     Put(b, v, n);
   }
+  if (version >= 2) {
+    for (uint64_t v : {state.conv_bytes, state.ssm_bytes, state.layers_hash}) Put(b, v, 8);
+  }
   return b;
+}
+std::vector<std::byte> HelloFor(const KvGeometry& g) {
+  return Hello(static_cast<uint32_t>(g.num_layers), KvLayers(g).empty() ? 0 : g.block_bytes(),
+               kHelloMagic, LayoutOf(g));
 }
 
 struct Header {
@@ -52,12 +90,35 @@ struct Header {
   uint32_t layer = 0;
   uint32_t n_blocks = 0;
   uint64_t payload_bytes = 0;
+  uint32_t slot = 0;  // STATE frames
 };
 std::vector<std::byte> Encode(const Header& h) {
   std::vector<std::byte> b;
-  for (auto [v, n] : {std::pair<uint64_t, int>{h.magic, 4}, {h.type, 2}, {0, 2}, {h.request_id, 8},
-                      {h.attempt, 4}, {h.layer, 4}, {h.n_blocks, 4}, {0, 4}, {h.payload_bytes, 8}}) {
+  for (auto [v, n] : {std::pair<uint64_t, int>{h.magic, 4},
+                      {h.type, 2},
+                      {0, 2},
+                      {h.request_id, 8},
+                      {h.attempt, 4},
+                      {h.layer, 4},
+                      {h.n_blocks, 4},
+                      {h.slot, 4},
+                      {h.payload_bytes, 8}}) {
     Put(b, v, n);
+  }
+  return b;
+}
+
+// A full STATE frame: header, conv state, SSM state, bytes from StateByte(seed).
+// `payload_delta` lies about (and changes) the payload's length.
+std::vector<std::byte> StateFrame(const KvGeometry& g, uint64_t req, uint32_t layer, uint32_t slot,
+                                  uint64_t seed, int64_t payload_delta = 0) {
+  const uint64_t n = g.conv_state_bytes + g.ssm_state_bytes + payload_delta;
+  std::vector<std::byte> b =
+      Encode({.type = kState, .request_id = req, .layer = layer, .payload_bytes = n, .slot = slot});
+  for (size_t i = 0; i < n; ++i) {
+    const bool ssm = i >= g.conv_state_bytes;
+    b.push_back(StateByte(seed, static_cast<int>(layer), static_cast<int>(slot), ssm,
+                          ssm ? i - g.conv_state_bytes : i));
   }
   return b;
 }
@@ -92,26 +153,43 @@ class RawClient {
   }
   ~RawClient() { close(fd_); }
   bool connected() const { return connected_; }
-  void Send(const std::vector<std::byte>& b) {  // errors ignored: the receiver may hang up
+  void Send(const std::vector<std::byte>& b) { SendPrefix(b, b.size()); }
+  // The first `len` bytes of `b` only: a frame cut short. Errors ignored: the receiver may hang
+  // up. (Not resize(): GCC's -Wstringop-overflow misjudges a shrinking resize under ASan.)
+  void SendPrefix(const std::vector<std::byte>& b, size_t len) {
     size_t off = 0;
-    while (off < b.size()) {
-      const ssize_t n = send(fd_, b.data() + off, b.size() - off, MSG_NOSIGNAL);
+    while (off < len) {
+      const ssize_t n = send(fd_, b.data() + off, len - off, MSG_NOSIGNAL);
       if (n <= 0) return;
       off += static_cast<size_t>(n);
     }
   }
   void CloseWrite() { shutdown(fd_, SHUT_WR); }
-  // The ack's status field, or -1 when the receiver hung up instead.
+  // The ack's status field, or -1 when the receiver hung up instead. A receiver answers a
+  // hello of its own version with 48 bytes, any other with the 24 every version shares.
   int Handshake(uint32_t layers, uint64_t block_bytes) {
-    Send(Hello(layers, block_bytes));
-    std::byte ack[24];
+    return Handshake(Hello(layers, block_bytes));
+  }
+  int Handshake(const std::vector<std::byte>& hello) {
+    Send(hello);
+    std::byte ack[48];
     size_t got = 0;
+    while (got < 24) {
+      const ssize_t n = recv(fd_, ack + got, 24 - got, 0);
+      if (n <= 0) return -1;
+      got += static_cast<size_t>(n);
+    }
+    const int status =
+        static_cast<int>(static_cast<uint16_t>(ack[6]) | static_cast<uint16_t>(ack[7]) << 8);
+    const int version =
+        static_cast<int>(static_cast<uint16_t>(ack[4]) | static_cast<uint16_t>(ack[5]) << 8);
+    if (version != kWireVersion || status == 1) return status;
     while (got < sizeof(ack)) {
       const ssize_t n = recv(fd_, ack + got, sizeof(ack) - got, 0);
       if (n <= 0) return -1;
       got += static_cast<size_t>(n);
     }
-    return static_cast<int>(static_cast<uint16_t>(ack[6]) | static_cast<uint16_t>(ack[7]) << 8);
+    return status;
   }
   // True once the receiver has closed its end (EOF or reset) within `timeout`.
   bool WaitClosed(milliseconds timeout = milliseconds(5000)) {
@@ -158,6 +236,50 @@ class KvTcpTest : public ::testing::Test {
     receiver_ = std::move(*r);
     peer_ = receiver_->address();
     port_ = PortOf(peer_);
+  }
+
+  // Replaces the receiver with one over a fresh store of geometry `g`.
+  void Restart(const KvGeometry& g) {
+    receiver_.reset();
+    geometry_ = g;
+    store_ = std::make_unique<TestStore>(geometry_);
+    options_.geometry = geometry_;
+    auto r = CreateKvReceiver("tcp", options_, *store_, events_.Callbacks());
+    ASSERT_TRUE(r.ok()) << r.status();
+    receiver_ = std::move(*r);
+    peer_ = receiver_->address();
+    port_ = PortOf(peer_);
+  }
+
+  // Over an already greeted raw client: every KV layer and every state layer, then finish.
+  void RawHybridTransfer(RawClient& c, uint64_t req, const std::vector<int32_t>& blocks,
+                         uint32_t slot) {
+    for (int layer : KvLayers(geometry_)) c.Send(LayerFrame(geometry_, req, layer, blocks, req));
+    for (int layer : StateLayers(geometry_)) c.Send(StateFrame(geometry_, req, layer, slot, req));
+    c.Send(Encode({.type = kFinish, .request_id = req}));
+  }
+  void ExpectHybridLanded(uint64_t req, const std::vector<int32_t>& blocks, int slot) {
+    for (int layer : KvLayers(geometry_)) EXPECT_TRUE(LayerMatches(*store_, req, layer, blocks));
+    for (int layer : StateLayers(geometry_)) EXPECT_TRUE(StateMatches(*store_, req, layer, slot));
+  }
+
+  // A fresh KvSender completes a transfer into slot 7 of the (hybrid) receiver.
+  void ExpectHybridTransferWorksOverTheRealSender() {
+    std::unique_ptr<KvSender> sender = CreateKvSender(options_);
+    const uint64_t req = 9100;
+    const std::vector<int32_t> blocks = {30, 31};
+    receiver_->Expect(req, 0, blocks, 7);
+    for (int layer = 0; layer < geometry_.num_layers; ++layer) {
+      const absl::Status st =
+          geometry_.is_state_layer(layer)
+              ? SendOneState(*sender, peer_, geometry_, req, 0, layer, 7, req)
+              : SendOneLayer(*sender, peer_, geometry_, req, 0, layer, blocks, req);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    ASSERT_TRUE(FinishAndWait(*sender, peer_, req, 0).ok());
+    ASSERT_TRUE(events_.WaitReady(req, 0));
+    for (int layer : KvLayers(geometry_)) EXPECT_TRUE(LayerMatches(*store_, req, layer, blocks));
+    for (int layer : StateLayers(geometry_)) EXPECT_TRUE(StateMatches(*store_, req, layer, 7));
   }
 
   void ExpectGoodTransferWorks(uint64_t req, const std::vector<int32_t>& blocks) {
@@ -214,8 +336,8 @@ TEST_F(KvTcpTest, StalledReceiverFailsSendAfterTimeout) {
   std::promise<void> release;
   std::thread fake([&, released = release.get_future()] {
     const int c = accept(lfd, nullptr, nullptr);
-    std::byte hello[24];
-    ASSERT_EQ(recv(c, hello, sizeof(hello), MSG_WAITALL), 24);
+    std::byte hello[48];
+    ASSERT_EQ(recv(c, hello, sizeof(hello), MSG_WAITALL), 48);
     const std::vector<std::byte> ack =
         Hello(static_cast<uint32_t>(big.num_layers), big.block_bytes());
     send(c, ack.data(), ack.size(), MSG_NOSIGNAL);
@@ -311,17 +433,15 @@ TEST_F(KvTcpTest, MaliciousClientsCannotCrashHangOrWriteThrough) {
       {"stalls mid-payload",
        [&](RawClient& c, uint64_t r) {
          c.Handshake(3, bb);
-         std::vector<std::byte> f = LayerFrame(geometry_, r, 0, agreed, 1);
-         f.resize(f.size() / 2);
-         c.Send(f);  // then nothing: the receiver's io timeout must end it
+         const std::vector<std::byte> f = LayerFrame(geometry_, r, 0, agreed, 1);
+         c.SendPrefix(f, f.size() / 2);  // then nothing: the receiver's io timeout must end it
        },
        true, true},
       {"hangs up mid-payload",
        [&](RawClient& c, uint64_t r) {
          c.Handshake(3, bb);
-         std::vector<std::byte> f = LayerFrame(geometry_, r, 0, agreed, 1);
-         f.resize(f.size() - 7);
-         c.Send(f);
+         const std::vector<std::byte> f = LayerFrame(geometry_, r, 0, agreed, 1);
+         c.SendPrefix(f, f.size() - 7);
          c.CloseWrite();
        },
        true, true},
@@ -406,6 +526,183 @@ TEST_F(KvTcpTest, MaliciousClientsCannotCrashHangOrWriteThrough) {
   }
   std::this_thread::sleep_for(milliseconds(200));  // let the receiver see the hang-ups and reap
   ExpectGoodTransferWorks(9000, {20, 21, 22});
+}
+
+TEST_F(KvTcpTest, HandWrittenClientCanCompleteAHybridTransfer) {
+  Restart(HybridGeometry());
+  const std::vector<int32_t> blocks = {3, 1};
+  receiver_->Expect(77, 0, blocks, 4);
+  RawClient c(port_);
+  ASSERT_EQ(c.Handshake(HelloFor(geometry_)), 0);
+  RawHybridTransfer(c, 77, blocks, 4);
+  ASSERT_TRUE(events_.WaitReady(77, 0));
+  ExpectHybridLanded(77, blocks, 4);
+  for (int slot : {0, 1, 2, 3, 5, 6, 7}) {
+    EXPECT_TRUE(store_->StateUntouched(0, slot) && store_->StateUntouched(2, slot)) << slot;
+  }
+}
+
+TEST_F(KvTcpTest, PureStateReceiverTakesStateFramesOnly) {
+  Restart(PureStateGeometry());
+  receiver_->Expect(5, 0, {}, 1);
+  RawClient c(port_);
+  ASSERT_EQ(c.Handshake(HelloFor(geometry_)), 0);
+  RawHybridTransfer(c, 5, {}, 1);
+  ASSERT_TRUE(events_.WaitReady(5, 0));
+  ExpectHybridLanded(5, {}, 1);
+
+  // No KV layers: a LAYER frame's lengths cannot be judged, so it breaks the framing.
+  store_->Reset();
+  receiver_->Expect(6, 0, {}, 2);
+  c.Send(Encode({.request_id = 6, .n_blocks = 1, .payload_bytes = 0}));
+  EXPECT_TRUE(c.WaitClosed());
+  EXPECT_TRUE(events_.WaitFailed(6, 0).has_value());
+  EXPECT_TRUE(store_->AllUntouched());
+
+  // A hello with a KV shape, or the wrong state layout, is refused.
+  RawClient kv(port_);
+  EXPECT_EQ(kv.Handshake(3, 256), 2);
+  KvGeometry two_state = geometry_;
+  two_state.state_layers = {1, 0, 1};
+  RawClient layout(port_);
+  EXPECT_EQ(layout.Handshake(HelloFor(two_state)), 2);
+}
+
+TEST_F(KvTcpTest, HandshakeRefusesAnotherVersionOrStateLayout) {
+  Restart(HybridGeometry());
+  RawClient v1(port_);
+  EXPECT_EQ(v1.Handshake(Hello(4, geometry_.block_bytes(), kHelloMagic, LayoutOf(geometry_),
+                               /*version=*/1)),
+            1);
+  EXPECT_TRUE(v1.WaitClosed());
+  // Other state layers (same count, fewer, none), other conv or SSM sizes.
+  const std::vector<KvGeometry> others = [&] {
+    std::vector<KvGeometry> v(5, geometry_);
+    v[0].state_layers = {0, 1, 0, 1};
+    v[1].state_layers = {1, 0, 0, 0};
+    v[2].state_layers.clear();
+    v[3].conv_state_bytes *= 2;
+    v[4].ssm_state_bytes += 1;
+    return v;
+  }();
+  for (const KvGeometry& other : others) {
+    RawClient c(port_);
+    EXPECT_EQ(c.Handshake(HelloFor(other)), 2);
+    EXPECT_TRUE(c.WaitClosed());
+  }
+  // The hash alone tells the layouts apart when the count agrees.
+  KvGeometry moved = geometry_;
+  moved.state_layers = {0, 1, 1, 0};
+  std::vector<std::byte> h = HelloFor(moved);
+  RawClient c(port_);
+  EXPECT_EQ(c.Handshake(h), 2);
+  ExpectHybridTransferWorksOverTheRealSender();
+}
+
+TEST_F(KvTcpTest, MaliciousStateFramesAreRefusedAndTheLinkCarriesOn) {
+  Restart(HybridGeometry());
+  const uint32_t agreed_slot = 4;
+  const std::vector<int32_t> agreed = {10, 11};
+  uint64_t next_req = 100;
+  struct Case {
+    const char* name;
+    std::function<void(RawClient&, uint64_t req)> act;
+    bool closes;
+    bool fails_transfer;
+  };
+  const KvGeometry& g = geometry_;
+  const std::vector<Case> cases = {
+      // Agreement broken, framing sound: the transfer fails, the connection lives.
+      {"state frame for a KV layer",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 1, agreed_slot, r)); }, false, true},
+      {"layer frame for a state layer",
+       [&](RawClient& c, uint64_t r) { c.Send(LayerFrame(g, r, 2, agreed, r)); }, false, true},
+      {"state slot not agreed",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 0, agreed_slot + 1, r)); }, false,
+       true},
+      {"state slot out of pool",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 0, 1000, r)); }, false, true},
+      {"state slot negative",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 0, 0xffffffffu, r)); }, false, true},
+      {"state layer out of range",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 9, agreed_slot, r)); }, false, true},
+      {"state for an unexpected transfer",  // dropped silently after the agreement wait
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r + 50000, 0, agreed_slot, r)); },
+       false, false},
+      // Framing broken: the transfer fails and the connection is closed.
+      {"state payload short",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 0, agreed_slot, r, -8)); }, true,
+       true},
+      {"state payload long",
+       [&](RawClient& c, uint64_t r) { c.Send(StateFrame(g, r, 0, agreed_slot, r, +8)); }, true,
+       true},
+      {"state payload huge",
+       [&](RawClient& c, uint64_t r) {
+         c.Send(Encode({.type = kState, .request_id = r, .payload_bytes = 1ull << 62}));
+       },
+       true, true},
+      {"state frame with block ids",
+       [&](RawClient& c, uint64_t r) {
+         c.Send(Encode({.type = kState,
+                        .request_id = r,
+                        .n_blocks = 1,
+                        .payload_bytes = g.conv_state_bytes + g.ssm_state_bytes,
+                        .slot = agreed_slot}));
+       },
+       true, true},
+      {"slot set on a layer frame",
+       [&](RawClient& c, uint64_t r) {
+         std::vector<std::byte> f = LayerFrame(g, r, 1, agreed, r);
+         f[28] = std::byte{1};
+         c.Send(f);
+       },
+       true, true},
+      {"slot set on a finish frame",
+       [&](RawClient& c, uint64_t r) {
+         c.Send(Encode({.type = kFinish, .request_id = r, .slot = agreed_slot}));
+       },
+       true, true},
+      {"state stalls mid-payload",
+       [&](RawClient& c, uint64_t r) {
+         const std::vector<std::byte> f = StateFrame(g, r, 0, agreed_slot, r);
+         c.SendPrefix(f, f.size() - 100);  // then nothing: the receiver's io timeout must end it
+       },
+       true, true},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    const uint64_t req = next_req++;
+    store_->Reset();
+    receiver_->Expect(req, 0, agreed, agreed_slot);
+    RawClient c(port_);
+    ASSERT_TRUE(c.connected());
+    ASSERT_EQ(c.Handshake(HelloFor(g)), 0);
+    k.act(c, req);
+    if (k.closes) {
+      EXPECT_TRUE(c.WaitClosed());
+    } else {
+      EXPECT_FALSE(c.WaitClosed(milliseconds(500)));
+    }
+    if (k.fails_transfer) {
+      EXPECT_TRUE(events_.WaitFailed(req, 0).has_value());
+    } else {
+      EXPECT_EQ(events_.FailedCount(req, 0), 0);
+    }
+    EXPECT_EQ(events_.ReadyCount(req, 0), 0);
+    if (std::string(k.name).find("mid-payload") == std::string::npos) {
+      EXPECT_TRUE(store_->AllUntouched());
+    }
+    if (!k.closes) {
+      // The same connection still carries a good transfer (and the refused one stays dead).
+      const uint64_t good = 5000 + req;
+      receiver_->Expect(good, 0, {20, 21}, 6);
+      RawHybridTransfer(c, good, {20, 21}, 6);
+      EXPECT_TRUE(events_.WaitReady(good, 0));
+      ExpectHybridLanded(good, {20, 21}, 6);
+      EXPECT_TRUE(store_->StateUntouched(0, agreed_slot) && store_->StateUntouched(2, agreed_slot));
+    }
+  }
+  ExpectHybridTransferWorksOverTheRealSender();
 }
 
 TEST_F(KvTcpTest, PeerKilledDuringLargeTransfersFailsEveryFinish) {

@@ -1,5 +1,6 @@
-// Shared pieces of the KV transport tests: a host-memory block store, a recorder for receiver
-// callbacks, deterministic source blocks, and helpers that run one transfer.
+// Shared pieces of the KV transport tests: a host-memory block (and state slot) store, a
+// recorder for receiver callbacks, deterministic source blocks and states, and helpers that run
+// one transfer.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -32,19 +33,70 @@ inline KvGeometry TestGeometry(int num_layers = 3, int num_blocks = 64) {
                     .num_blocks = num_blocks};
 }
 
+// A Jamba-like hybrid: 4 layers, 0 and 2 Mamba (state) layers, 1 and 3 attention. State sizes
+// are deliberately not multiples of each other or of a block: conv 96 B, SSM 520 B per slot.
+inline KvGeometry HybridGeometry(int num_blocks = 64, int num_state_slots = 8) {
+  KvGeometry g = TestGeometry(/*num_layers=*/4, num_blocks);
+  g.state_layers = {1, 0, 1, 0};
+  g.conv_state_bytes = 96;
+  g.ssm_state_bytes = 520;
+  g.num_state_slots = num_state_slots;
+  return g;
+}
+
+// A pure Mamba model: every layer carries state, no KV shape and no block pool at all.
+inline KvGeometry PureStateGeometry(int num_state_slots = 8) {
+  return KvGeometry{.num_layers = 3,
+                    .state_layers = {1, 1, 1},
+                    .conv_state_bytes = 96,
+                    .ssm_state_bytes = 520,
+                    .num_state_slots = num_state_slots};
+}
+
+inline std::vector<int> StateLayers(const KvGeometry& g) {
+  std::vector<int> out;
+  for (int l = 0; l < g.num_layers; ++l) {
+    if (g.is_state_layer(l)) out.push_back(l);
+  }
+  return out;
+}
+inline std::vector<int> KvLayers(const KvGeometry& g) {
+  std::vector<int> out;
+  for (int l = 0; l < g.num_layers; ++l) {
+    if (!g.is_state_layer(l)) out.push_back(l);
+  }
+  return out;
+}
+
 inline constexpr std::byte kUntouched{0xEE};
 
-// Layout [layer][K|V][block][block_bytes], filled with kUntouched so stray writes show.
+// KV layout [layer][K|V][block][block_bytes] (every layer, so writes into a state layer's blocks
+// would show), state layout [layer][slot][conv | SSM] (state layers only), all filled with
+// kUntouched so stray writes show.
 class TestStore : public KvBlockStore {
  public:
   explicit TestStore(const KvGeometry& g)
       : g_(g),
-        data_(static_cast<size_t>(g.num_layers) * 2 * g.num_blocks * g.block_bytes(), kUntouched) {}
+        data_(static_cast<size_t>(g.num_layers) * 2 * g.num_blocks * g.block_bytes(), kUntouched),
+        state_(static_cast<size_t>(g.num_layers) * std::max(g.num_state_slots, 0) * SlotBytes(),
+               kUntouched) {}
   const KvGeometry& geometry() const override { return g_; }
   std::byte* BlockData(int layer, bool is_value, int block) override {
     const size_t idx =
         (static_cast<size_t>(layer) * 2 + (is_value ? 1 : 0)) * g_.num_blocks + block;
     return data_.data() + idx * g_.block_bytes();
+  }
+  std::byte* StateData(int layer, bool is_ssm, int slot) override {
+    if (!g_.is_state_layer(layer)) return nullptr;
+    const size_t idx = static_cast<size_t>(layer) * g_.num_state_slots + slot;
+    return state_.data() + idx * SlotBytes() + (is_ssm ? g_.conv_state_bytes : 0);
+  }
+  bool StateUntouched(int layer, int slot) {
+    const std::byte* p = StateData(layer, false, slot);
+    for (size_t i = 0; i < SlotBytes(); ++i) {
+      if (p[i] != kUntouched) return false;
+    }
+    return true;
   }
   bool BlockUntouched(int layer, bool is_value, int block) {
     const std::byte* p = BlockData(layer, is_value, block);
@@ -53,17 +105,25 @@ class TestStore : public KvBlockStore {
     }
     return true;
   }
-  void Reset() { std::fill(data_.begin(), data_.end(), kUntouched); }
+  void Reset() {
+    std::fill(data_.begin(), data_.end(), kUntouched);
+    std::fill(state_.begin(), state_.end(), kUntouched);
+  }
   bool AllUntouched() {
-    for (std::byte b : data_) {
-      if (b != kUntouched) return false;
+    for (const auto* v : {&data_, &state_}) {
+      for (std::byte b : *v) {
+        if (b != kUntouched) return false;
+      }
     }
     return true;
   }
 
  private:
+  size_t SlotBytes() const { return g_.conv_state_bytes + g_.ssm_state_bytes; }
+
   KvGeometry g_;
   std::vector<std::byte> data_;
+  std::vector<std::byte> state_;
 };
 
 // The bytes a test sends for (transfer seed, layer, block, K/V): cheap, distinct, never kUntouched.
@@ -95,6 +155,42 @@ inline LayerSource MakeLayerSource(const KvGeometry& g, uint64_t seed, int layer
     s.v_ptrs.push_back(s.v[i].data());
   }
   return s;
+}
+
+// The bytes of a slot's state in one layer: conv (is_ssm false) then SSM, offset i in each.
+inline std::byte StateByte(uint64_t seed, int layer, int slot, bool is_ssm, size_t i) {
+  return PatternByte(seed ^ 0x5bd1e995, layer, 1'000'000 + slot, is_ssm, i);
+}
+
+// Sends one state layer from freshly made source memory, then scribbles on that memory.
+inline absl::Status SendOneState(KvSender& sender, const std::string& peer, const KvGeometry& g,
+                                 uint64_t request_id, uint32_t attempt, int layer, int slot,
+                                 uint64_t seed) {
+  std::vector<std::byte> conv(g.conv_state_bytes), ssm(g.ssm_state_bytes);
+  for (size_t i = 0; i < conv.size(); ++i) conv[i] = StateByte(seed, layer, slot, false, i);
+  for (size_t i = 0; i < ssm.size(); ++i) ssm[i] = StateByte(seed, layer, slot, true, i);
+  KvStateSend send{.request_id = request_id,
+                   .attempt = attempt,
+                   .layer = layer,
+                   .dst_slot = slot,
+                   .conv_src = conv.data(),
+                   .ssm_src = ssm.data()};
+  absl::Status st = sender.SendState(peer, send);
+  std::fill(conv.begin(), conv.end(), std::byte{0});
+  std::fill(ssm.begin(), ssm.end(), std::byte{0});
+  return st;
+}
+
+inline bool StateMatches(TestStore& store, uint64_t seed, int layer, int slot) {
+  const KvGeometry& g = store.geometry();
+  for (bool is_ssm : {false, true}) {
+    const std::byte* p = store.StateData(layer, is_ssm, slot);
+    const size_t n = is_ssm ? g.ssm_state_bytes : g.conv_state_bytes;
+    for (size_t i = 0; i < n; ++i) {
+      if (p[i] != StateByte(seed, layer, slot, is_ssm, i)) return false;
+    }
+  }
+  return true;
 }
 
 inline absl::Status SendOneLayer(KvSender& sender, const std::string& peer, const KvGeometry& g,

@@ -1,9 +1,10 @@
 // The "inproc://NAME" backend: receivers register in a process-wide registry and senders
 // memcpy straight into their store, through the same checks as TCP (layer_checks.h, then
-// TransferTracker::BeginLayer). For tests and single-process modes.
+// TransferTracker::BeginLayer / BeginState). For tests and single-process modes.
 //
-// Unlike TCP, where a refused frame can only be reported to the receiver, SendLayer here also
-// returns the refusal (InvalidArgument) to the caller: it runs on the caller's thread anyway.
+// Unlike TCP, where a refused frame can only be reported to the receiver, SendLayer / SendState
+// here also return the refusal (InvalidArgument) to the caller: they run on the caller's thread
+// anyway.
 // Finish completes synchronously: on_ready / on_failed run, then `done`, on the calling thread.
 #pragma once
 
@@ -27,6 +28,8 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> CreateInprocReceiver(const std::stri
 // Thread-safe. Unavailable when no receiver is registered under `name`.
 absl::Status InprocSendLayer(const std::string& name, const KvGeometry& sender_geometry,
                              const KvLayerSend& layer);
+absl::Status InprocSendState(const std::string& name, const KvGeometry& sender_geometry,
+                             const KvStateSend& state);
 void InprocFinish(const std::string& name, const KvGeometry& sender_geometry, TransferKey key,
                   DoneCallback done);
 

@@ -25,6 +25,11 @@ class KvSenderImpl final : public KvSender {
     return tcp_.SendLayer(peer, layer);
   }
 
+  absl::Status SendState(const std::string& peer, const KvStateSend& state) override {
+    if (IsInproc(peer)) return InprocSendState(InprocName(peer), options_.geometry, state);
+    return tcp_.SendState(peer, state);
+  }
+
   void Finish(const std::string& peer, uint64_t request_id, uint32_t attempt,
               DoneCallback done) override {
     const TransferKey key{request_id, attempt};

@@ -44,29 +44,33 @@ class ConnectionServer {
  private:
   absl::Status Handshake() {
     CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd_, io_timeout_ms_));
+    // The shared prefix first: a peer of another version may send no more than that.
     std::array<std::byte, wire::kHelloBytes> buf{};
-    CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data(), buf.size()));
-    const wire::Hello hello = wire::DecodeHello(buf.data());
+    CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data(), wire::kHelloPrefixBytes));
+    wire::Hello hello = wire::DecodeHello(buf.data());
     // Not one of ours: say nothing, in case it is something that would misread a reply.
     if (hello.magic != wire::kHelloMagic) return absl::InvalidArgumentError("bad hello magic");
 
-    const KvGeometry& g = tracker_.geometry();
-    wire::Hello ack;
-    ack.num_layers = static_cast<uint32_t>(g.num_layers);
-    ack.block_bytes = g.block_bytes();
+    wire::Hello ack = HelloFor(tracker_.geometry());
+    size_t ack_bytes = wire::kHelloBytes;
     if (hello.version != wire::kVersion) {
       ack.status = static_cast<uint16_t>(wire::HelloStatus::kVersionMismatch);
-    } else if (hello.num_layers != ack.num_layers || hello.block_bytes != ack.block_bytes) {
-      ack.status = static_cast<uint16_t>(wire::HelloStatus::kGeometryMismatch);
+      ack_bytes = wire::kHelloPrefixBytes;  // what every version reads
+    } else {
+      CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data() + wire::kHelloPrefixBytes,
+                                      wire::kHelloBytes - wire::kHelloPrefixBytes));
+      hello = wire::DecodeHello(buf.data());
+      if (!SameGeometry(hello, ack)) {
+        ack.status = static_cast<uint16_t>(wire::HelloStatus::kGeometryMismatch);
+      }
     }
     auto out = wire::EncodeHello(ack);
-    iovec iov{out.data(), out.size()};
+    iovec iov{out.data(), ack_bytes};
     CLEAVE_RETURN_IF_ERROR(WriteFullv(fd_, &iov, 1));
     if (ack.status != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("refused sender: version ", hello.version, ", ", hello.num_layers,
-                       " layers x ", hello.block_bytes, " B blocks; this receiver has version ",
-                       wire::kVersion, ", ", ack.num_layers, " x ", ack.block_bytes));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "refused sender: version ", hello.version, ", ", DescribeGeometry(hello),
+          "; this receiver has version ", wire::kVersion, ", ", DescribeGeometry(ack)));
     }
     return absl::OkStatus();
   }
@@ -82,10 +86,16 @@ class ConnectionServer {
       const wire::FrameHeader h = wire::DecodeFrameHeader(buf.data());
       if (h.magic != wire::kFrameMagic) return absl::InvalidArgumentError("bad frame magic");
       const TransferKey key{h.request_id, h.attempt};
-      if (h.reserved0 != 0 || h.reserved1 != 0) return Violation(key, "reserved header field set");
+      if (h.reserved0 != 0) return Violation(key, "reserved header field set");
+      if (h.slot != 0 && h.type != static_cast<uint16_t>(wire::FrameType::kState)) {
+        return Violation(key, "state slot set on a frame that is not a state frame");
+      }
       switch (static_cast<wire::FrameType>(h.type)) {
         case wire::FrameType::kLayer:
           CLEAVE_RETURN_IF_ERROR(ServeLayer(h, key));
+          break;
+        case wire::FrameType::kState:
+          CLEAVE_RETURN_IF_ERROR(ServeState(h, key));
           break;
         case wire::FrameType::kFinish:
           if (h.layer != 0 || h.n_blocks != 0 || h.payload_bytes != 0) {
@@ -128,6 +138,34 @@ class ConnectionServer {
     return st;
   }
 
+  absl::Status ServeState(const wire::FrameHeader& h, TransferKey key) {
+    const KvGeometry& g = tracker_.geometry();
+    if (absl::Status s = CheckStateFraming(g, h.n_blocks, h.payload_bytes); !s.ok()) {
+      return Violation(key, std::string(s.message()));
+    }
+    TransferTracker::LayerTicket ticket = tracker_.BeginState(key, h.layer, h.slot);
+    if (ticket.verdict != TransferTracker::Verdict::kWrite) return Discard(h.payload_bytes);
+
+    // Layer and slot are checked: only now do we name store memory.
+    const int layer = static_cast<int>(h.layer), slot = static_cast<int>(h.slot);
+    std::byte* conv = store_.StateData(layer, /*is_ssm=*/false, slot);
+    std::byte* ssm = store_.StateData(layer, /*is_ssm=*/true, slot);
+    if ((g.conv_state_bytes > 0 && conv == nullptr) || (g.ssm_state_bytes > 0 && ssm == nullptr)) {
+      // The store claims state layers it cannot hold: this transfer cannot land here.
+      tracker_.EndLayer(
+          ticket, false,
+          absl::StrCat("store has no state memory for layer ", layer, " slot ", slot));
+      return Discard(h.payload_bytes);
+    }
+    iov_.clear();
+    if (g.conv_state_bytes > 0) iov_.push_back({conv, g.conv_state_bytes});
+    if (g.ssm_state_bytes > 0) iov_.push_back({ssm, g.ssm_state_bytes});
+    const absl::Status st = ReadFullv(fd_, iov_.data(), iov_.size());
+    tracker_.EndLayer(ticket, st.ok(), absl::StrCat("state frame cut short: ", st.message()));
+    if (st.ok()) open_.insert(key);
+    return st;
+  }
+
   // Reads and drops a payload nobody will use, through bounded scratch.
   absl::Status Discard(uint64_t n) {
     scratch_.resize(kScratchBytes);
@@ -149,7 +187,7 @@ class ConnectionServer {
   TransferTracker& tracker_;
   const int io_timeout_ms_;
   std::optional<TransferKey> blame_;       // the transfer whose frame broke the framing
-  absl::flat_hash_set<TransferKey> open_;  // wrote at least one layer, no finish yet
+  absl::flat_hash_set<TransferKey> open_;  // wrote at least one frame, no finish yet
   std::vector<std::byte> id_bytes_;        // <= kMaxBlocksPerFrame * 4
   std::vector<int32_t> ids_;
   std::vector<iovec> iov_;
@@ -166,9 +204,8 @@ std::string JoinHostPort(const std::string& host, int port) {
 absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportOptions& options,
                                                                 KvBlockStore& store,
                                                                 ReceiverCallbacks callbacks) {
-  const KvGeometry& g = store.geometry();
-  if (g.num_layers <= 0 || g.num_blocks <= 0 || g.block_bytes() == 0) {
-    return absl::InvalidArgumentError("kv receiver: store geometry has an empty dimension");
+  if (absl::Status s = CheckGeometry(store.geometry(), /*receiver=*/true); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("kv receiver: store geometry: ", s.message()));
   }
   if (options.io_timeout_ms <= 0) return absl::InvalidArgumentError("io_timeout_ms must be > 0");
   std::unique_ptr<TcpReceiver> r(new TcpReceiver(options, store, std::move(callbacks)));
@@ -201,8 +238,9 @@ TcpReceiver::~TcpReceiver() {
   connections_.clear();
 }
 
-void TcpReceiver::Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) {
-  tracker_.Expect({request_id, attempt}, std::move(blocks));
+void TcpReceiver::Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks,
+                         int state_slot) {
+  tracker_.Expect({request_id, attempt}, std::move(blocks), state_slot);
 }
 
 void TcpReceiver::Forget(uint64_t request_id, uint32_t attempt) {

@@ -2,12 +2,14 @@
 // connection (a receiver has few peers: the prefill workers that feed it).
 //
 // Each connection starts with the geometry handshake (frame.h), then reads frames one at a
-// time. A LAYER frame's header and block ids are checked (CheckLayerFraming, then the
-// TransferTracker's agreement) before a byte of payload is read; accepted payloads are recv()'d
-// straight into the store's blocks, everything else is drained through a 64 KiB scratch buffer.
+// time. A LAYER frame's header and block ids (a STATE frame's header) are checked
+// (CheckLayerFraming / CheckStateFraming, then the TransferTracker's agreement) before a byte of
+// payload is read; accepted payloads are recv()'d straight into the store's blocks (state
+// slots), everything else is drained through a 64 KiB scratch buffer.
 //
 //   framing broken (magic, lengths, type) -> fail the named transfer, close the connection
-//   agreement broken (layer, block id)    -> fail that transfer, drain its payload, carry on
+//   agreement broken (layer, layer kind,  -> fail that transfer, drain its payload, carry on
+//     block id, state slot)
 //   not expected (never / Forget()ed)     -> drain silently, carry on
 //   connection ends with open transfers   -> fail each of them
 //
@@ -41,7 +43,8 @@ class TcpReceiver final : public KvReceiver {
   ~TcpReceiver() override;
 
   std::string address() const override { return address_; }
-  void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks) override;
+  void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks,
+              int state_slot) override;
   void Forget(uint64_t request_id, uint32_t attempt) override;
 
  private:

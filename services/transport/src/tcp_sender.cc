@@ -17,10 +17,12 @@ namespace {
 constexpr size_t kMaxBatchFrames = 64;
 constexpr size_t kMaxBatchBytes = 8u << 20;
 
-// Header and block ids of a LAYER frame (the payload follows from the caller's pointers).
-std::vector<std::byte> EncodeLayerHead(const KvLayerSend& layer, size_t block_bytes) {
+// A LAYER frame: header and block ids, then the caller's K blocks, then its V blocks.
+FrameSource LayerFrame(const KvLayerSend& layer, size_t block_bytes) {
   const size_t n = layer.dst_blocks.size();
-  std::vector<std::byte> head(wire::kFrameHeaderBytes + 4 * n);
+  FrameSource f;
+  f.key = {layer.request_id, layer.attempt};
+  f.head.resize(wire::kFrameHeaderBytes + 4 * n);
   wire::FrameHeader h;
   h.type = static_cast<uint16_t>(wire::FrameType::kLayer);
   h.request_id = layer.request_id;
@@ -28,22 +30,37 @@ std::vector<std::byte> EncodeLayerHead(const KvLayerSend& layer, size_t block_by
   h.layer = static_cast<uint32_t>(layer.layer);
   h.n_blocks = static_cast<uint32_t>(n);
   h.payload_bytes = 2 * n * block_bytes;
-  wire::EncodeFrameHeader(h, head.data());
+  wire::EncodeFrameHeader(h, f.head.data());
   for (size_t i = 0; i < n; ++i) {
-    wire::PutU32(&head[wire::kFrameHeaderBytes + 4 * i],
+    wire::PutU32(&f.head[wire::kFrameHeaderBytes + 4 * i],
                  static_cast<uint32_t>(layer.dst_blocks[i]));
   }
-  return head;
+  f.payload.reserve(2 * n);
+  for (const std::byte* p : layer.k_src)
+    f.payload.push_back({const_cast<std::byte*>(p), block_bytes});
+  for (const std::byte* p : layer.v_src)
+    f.payload.push_back({const_cast<std::byte*>(p), block_bytes});
+  f.payload_bytes = h.payload_bytes;
+  return f;
 }
 
-// The whole frame as iovecs over `head` and the caller's K then V blocks.
-std::vector<iovec> FrameIov(std::vector<std::byte>& head, const KvLayerSend& layer, size_t bb) {
-  std::vector<iovec> iov;
-  iov.reserve(1 + 2 * layer.dst_blocks.size());
-  iov.push_back({head.data(), head.size()});
-  for (const std::byte* p : layer.k_src) iov.push_back({const_cast<std::byte*>(p), bb});
-  for (const std::byte* p : layer.v_src) iov.push_back({const_cast<std::byte*>(p), bb});
-  return iov;
+// A STATE frame: header, then the caller's conv state, then its SSM state.
+FrameSource StateFrame(const KvStateSend& state, size_t conv_bytes, size_t ssm_bytes) {
+  FrameSource f;
+  f.key = {state.request_id, state.attempt};
+  f.head.resize(wire::kFrameHeaderBytes);
+  wire::FrameHeader h;
+  h.type = static_cast<uint16_t>(wire::FrameType::kState);
+  h.request_id = state.request_id;
+  h.attempt = state.attempt;
+  h.layer = static_cast<uint32_t>(state.layer);
+  h.slot = static_cast<uint32_t>(state.dst_slot);
+  h.payload_bytes = conv_bytes + ssm_bytes;
+  wire::EncodeFrameHeader(h, f.head.data());
+  if (conv_bytes > 0) f.payload.push_back({const_cast<std::byte*>(state.conv_src), conv_bytes});
+  if (ssm_bytes > 0) f.payload.push_back({const_cast<std::byte*>(state.ssm_src), ssm_bytes});
+  f.payload_bytes = h.payload_bytes;
+  return f;
 }
 
 }  // namespace
@@ -76,28 +93,38 @@ absl::Status TcpPeerLink::PeerError(const absl::Status& s) const {
 
 absl::Status TcpPeerLink::SendLayer(const KvLayerSend& layer) {
   CLEAVE_RETURN_IF_ERROR(CheckLayerSend(options_.geometry, layer));
-  const TransferKey key{layer.request_id, layer.attempt};
-  std::unique_lock lock(mu_);
-  if (auto it = open_.find(key); it != open_.end() && !it->second.ok()) return it->second;
-  CLEAVE_RETURN_IF_ERROR(EnsureConnectedLocked(lock));
-  if (queue_.empty() && !writing_) return SendDirectLocked(lock, layer);
-  return SendQueuedLocked(lock, layer);
+  FrameSource frame = LayerFrame(layer, options_.geometry.block_bytes());
+  return Send(frame);
 }
 
-absl::Status TcpPeerLink::SendDirectLocked(std::unique_lock<std::mutex>& lock,
-                                           const KvLayerSend& layer) {
-  const TransferKey key{layer.request_id, layer.attempt};
-  const size_t bb = options_.geometry.block_bytes();
+absl::Status TcpPeerLink::SendState(const KvStateSend& state) {
+  CLEAVE_RETURN_IF_ERROR(CheckStateSend(options_.geometry, state));
+  FrameSource frame =
+      StateFrame(state, options_.geometry.conv_state_bytes, options_.geometry.ssm_state_bytes);
+  return Send(frame);
+}
+
+absl::Status TcpPeerLink::Send(FrameSource& frame) {
+  std::unique_lock lock(mu_);
+  if (auto it = open_.find(frame.key); it != open_.end() && !it->second.ok()) return it->second;
+  CLEAVE_RETURN_IF_ERROR(EnsureConnectedLocked(lock));
+  if (queue_.empty() && !writing_) return SendDirectLocked(lock, frame);
+  return SendQueuedLocked(lock, frame);
+}
+
+absl::Status TcpPeerLink::SendDirectLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame) {
   writing_ = true;
   const uint64_t gen = generation_;
   const int fd = fd_.get();
-  open_.try_emplace(key, absl::OkStatus());
+  open_.try_emplace(frame.key, absl::OkStatus());
   lock.unlock();
 
-  std::vector<std::byte> head = EncodeLayerHead(layer, bb);
-  std::vector<iovec> iov = FrameIov(head, layer, bb);
+  std::vector<iovec> iov;
+  iov.reserve(1 + frame.payload.size());
+  iov.push_back({frame.head.data(), frame.head.size()});
+  iov.insert(iov.end(), frame.payload.begin(), frame.payload.end());
   const std::vector<iovec> whole = iov;  // WriteSomev advances `iov` in place
-  const size_t total = head.size() + 2 * layer.dst_blocks.size() * bb;
+  const size_t total = frame.bytes();
   absl::StatusOr<size_t> sent = PeerHasHungUp(fd)
                                     ? absl::UnavailableError("receiver closed the connection")
                                     : WriteSomev(fd, iov.data(), iov.size());
@@ -131,13 +158,10 @@ absl::Status TcpPeerLink::SendDirectLocked(std::unique_lock<std::mutex>& lock,
   return absl::OkStatus();
 }
 
-absl::Status TcpPeerLink::SendQueuedLocked(std::unique_lock<std::mutex>& lock,
-                                           const KvLayerSend& layer) {
-  const TransferKey key{layer.request_id, layer.attempt};
-  const size_t n = layer.dst_blocks.size();
-  const size_t bb = options_.geometry.block_bytes();
-  const size_t body_bytes = n * 4 + 2 * n * bb;
-  const size_t frame_bytes = wire::kFrameHeaderBytes + body_bytes;
+absl::Status TcpPeerLink::SendQueuedLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame) {
+  const TransferKey key = frame.key;
+  const size_t body_bytes = frame.bytes() - wire::kFrameHeaderBytes;
+  const size_t frame_bytes = frame.bytes();
   const uint64_t gen = generation_;
   // Room for the frame; one frame may always go when nothing is held, however big.
   const auto deadline =
@@ -154,7 +178,7 @@ absl::Status TcpPeerLink::SendQueuedLocked(std::unique_lock<std::mutex>& lock,
   if (!room) {
     const absl::Status st = PeerError(absl::DeadlineExceededError(
         absl::StrCat("send queue full for ", options_.io_timeout_ms, " ms")));
-    open_[key] = st;  // the layer is lost, so the transfer is too
+    open_[key] = st;  // the frame is lost, so the transfer is too
     return st;
   }
   held_bytes_ += frame_bytes;
@@ -162,14 +186,16 @@ absl::Status TcpPeerLink::SendQueuedLocked(std::unique_lock<std::mutex>& lock,
   OutFrame f = NewFrameLocked(body_bytes);
   lock.unlock();
 
-  // Copy outside the lock: the copy is what lets the caller reuse its blocks now.
-  std::vector<std::byte> head = EncodeLayerHead(layer, bb);
-  std::memcpy(f.header.data(), head.data(), wire::kFrameHeaderBytes);
+  // Copy outside the lock: the copy is what lets the caller reuse its memory now.
+  std::memcpy(f.header.data(), frame.head.data(), wire::kFrameHeaderBytes);
   std::byte* p = f.body.get();
-  std::memcpy(p, head.data() + wire::kFrameHeaderBytes, 4 * n);
-  p += 4 * n;
-  for (size_t i = 0; i < n; ++i, p += bb) std::memcpy(p, layer.k_src[i], bb);
-  for (size_t i = 0; i < n; ++i, p += bb) std::memcpy(p, layer.v_src[i], bb);
+  const size_t ids_bytes = frame.head.size() - wire::kFrameHeaderBytes;
+  if (ids_bytes > 0) std::memcpy(p, frame.head.data() + wire::kFrameHeaderBytes, ids_bytes);
+  p += ids_bytes;
+  for (const iovec& v : frame.payload) {
+    std::memcpy(p, v.iov_base, v.iov_len);
+    p += v.iov_len;
+  }
 
   lock.lock();
   if (stop_ || generation_ != gen) {
@@ -249,24 +275,36 @@ absl::Status TcpPeerLink::EnsureConnectedLocked(std::unique_lock<std::mutex>& lo
 absl::StatusOr<UniqueFd> TcpPeerLink::Dial() const {
   CLEAVE_ASSIGN_OR_RETURN(UniqueFd fd, ConnectTcp(peer_, options_.connect_timeout_ms));
   CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd.get(), options_.io_timeout_ms));
-  wire::Hello hello;
-  hello.num_layers = static_cast<uint32_t>(options_.geometry.num_layers);
-  hello.block_bytes = options_.geometry.block_bytes();
+  const wire::Hello hello = HelloFor(options_.geometry);
   auto out = wire::EncodeHello(hello);
   iovec iov{out.data(), out.size()};
   CLEAVE_RETURN_IF_ERROR(WriteFullv(fd.get(), &iov, 1));
+  // The shared prefix first: a receiver of another version answers with no more than that.
   std::array<std::byte, wire::kHelloBytes> in{};
-  if (absl::Status s = ReadFull(fd.get(), in.data(), in.size()); !s.ok()) {
+  if (absl::Status s = ReadFull(fd.get(), in.data(), wire::kHelloPrefixBytes); !s.ok()) {
     return absl::UnavailableError(absl::StrCat("no handshake reply: ", s.message()));
   }
-  const wire::Hello ack = wire::DecodeHello(in.data());
+  wire::Hello ack = wire::DecodeHello(in.data());
   if (ack.magic != wire::kHelloMagic) return absl::UnavailableError("not a cleave KV receiver");
-  if (ack.status != static_cast<uint16_t>(wire::HelloStatus::kOk)) {
+  if (ack.version != wire::kVersion ||
+      ack.status == static_cast<uint16_t>(wire::HelloStatus::kVersionMismatch)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("receiver refused the handshake (", ack.status == 1 ? "version" : "geometry",
-                     " mismatch): it has version ", ack.version, ", ", ack.num_layers, " layers x ",
-                     ack.block_bytes, " B blocks; this sender has version ", wire::kVersion, ", ",
-                     hello.num_layers, " x ", hello.block_bytes));
+        absl::StrCat("receiver refused the handshake (version mismatch): it has version ",
+                     ack.version, "; this sender has version ", wire::kVersion));
+  }
+  if (absl::Status s = ReadFull(fd.get(), in.data() + wire::kHelloPrefixBytes,
+                                wire::kHelloBytes - wire::kHelloPrefixBytes);
+      !s.ok()) {
+    return absl::UnavailableError(absl::StrCat("short handshake reply: ", s.message()));
+  }
+  ack = wire::DecodeHello(in.data());
+  if (ack.status != static_cast<uint16_t>(wire::HelloStatus::kOk)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "receiver refused the handshake (",
+        ack.status == static_cast<uint16_t>(wire::HelloStatus::kGeometryMismatch) ? "geometry"
+                                                                                  : "unknown",
+        " mismatch): it has ", DescribeGeometry(ack), "; this sender has ",
+        DescribeGeometry(hello)));
   }
   return fd;
 }
@@ -386,6 +424,11 @@ absl::StatusOr<TcpPeerLink*> TcpSender::Link(const std::string& peer) {
 absl::Status TcpSender::SendLayer(const std::string& peer, const KvLayerSend& layer) {
   CLEAVE_ASSIGN_OR_RETURN(TcpPeerLink * link, Link(peer));
   return link->SendLayer(layer);
+}
+
+absl::Status TcpSender::SendState(const std::string& peer, const KvStateSend& state) {
+  CLEAVE_ASSIGN_OR_RETURN(TcpPeerLink * link, Link(peer));
+  return link->SendState(state);
 }
 
 void TcpSender::Finish(const std::string& peer, TransferKey key, DoneCallback done) {

@@ -2,23 +2,24 @@
 //
 // A link owns one connection (dialled lazily, re-dialled after a failure), a bounded queue of
 // encoded frames and a writer thread that batches queued frames into sendmsg() calls.
-// SendLayer on an idle link (nothing queued, nobody writing) hands the caller's blocks to the
-// kernel itself with a non-blocking sendmsg and copies into a queued frame only what the socket
-// buffer did not take; otherwise it copies the whole frame into the queue. Either way the
-// caller's memory is free when SendLayer returns, and one copy is saved whenever the link keeps
-// up. One thread at a time writes the socket (writing_), so frames never interleave.
+// SendLayer / SendState on an idle link (nothing queued, nobody writing) hand the caller's
+// memory to the kernel itself with a non-blocking sendmsg and copy into a queued frame only what
+// the socket buffer did not take; otherwise they copy the whole frame into the queue. Either way
+// the caller's memory is free when they return, and one copy is saved whenever the link keeps
+// up. One thread at a time writes the socket (writing_), so frames never interleave, and LAYER
+// and STATE frames of one link go out in the order they were sent.
 //
 // Connection states (the link's mutex guards them):
 //
-//   kDisconnected ──SendLayer/Finish──> kConnecting ──dial + handshake ok──> kConnected
+//   kDisconnected ──Send*/Finish──────> kConnecting ──dial + handshake ok──> kConnected
 //        ^                                   │ fails: caller gets the error        │
 //        └───────────────────────────────────┘                                     │
 //        └──── a write fails / the peer hangs up: queued frames and every open ────┘
 //              transfer of this peer fail with that error
 //
-// A transfer is "open" on a link from its first SendLayer until its Finish. Once the connection
-// carrying it fails it stays failed: later SendLayers return the error without re-dialling and
-// Finish reports it, because the receiver has already dropped what it had of the transfer.
+// A transfer is "open" on a link from its first SendLayer / SendState until its Finish. Once the
+// connection carrying it fails it stays failed: later sends return the error without re-dialling
+// and Finish reports it, because the receiver has already dropped what it had of the transfer.
 #pragma once
 
 #include <array>
@@ -41,6 +42,16 @@
 
 namespace cleave::transport {
 
+// One LAYER or STATE frame as the caller's memory describes it: the encoded header (and a LAYER
+// frame's block ids), then the payload, still in the caller's buffers, in wire order.
+struct FrameSource {
+  TransferKey key;
+  std::vector<std::byte> head;
+  std::vector<iovec> payload;
+  size_t payload_bytes = 0;
+  size_t bytes() const { return head.size() + payload_bytes; }
+};
+
 class TcpPeerLink {
  public:
   TcpPeerLink(HostPort peer, const TransportOptions& options);
@@ -49,8 +60,9 @@ class TcpPeerLink {
   TcpPeerLink(const TcpPeerLink&) = delete;
   TcpPeerLink& operator=(const TcpPeerLink&) = delete;
 
-  // Thread-safe. Blocks while the queue is full, up to io_timeout_ms.
+  // Thread-safe. Block while the queue is full, up to io_timeout_ms.
   absl::Status SendLayer(const KvLayerSend& layer);
+  absl::Status SendState(const KvStateSend& state);
   // Thread-safe. `done` runs on the writer thread once the FINISH frame is written, or on the
   // calling thread when the transfer had already failed or the peer cannot be reached.
   void Finish(TransferKey key, DoneCallback done);
@@ -60,7 +72,7 @@ class TcpPeerLink {
   struct OutFrame {
     std::array<std::byte, wire::kFrameHeaderBytes> header{};
     size_t header_bytes = wire::kFrameHeaderBytes;  // 0: body holds the tail of a direct write
-    std::unique_ptr<std::byte[]> body;              // LAYER: block ids, K blocks, V blocks
+    std::unique_ptr<std::byte[]> body;              // after the header: ids (LAYER), payload
     size_t body_bytes = 0;
     size_t body_capacity = 0;
     DoneCallback done;  // FINISH
@@ -69,8 +81,9 @@ class TcpPeerLink {
   using Completion = std::pair<DoneCallback, absl::Status>;
 
   absl::Status EnsureConnectedLocked(std::unique_lock<std::mutex>& lock);
-  absl::Status SendDirectLocked(std::unique_lock<std::mutex>& lock, const KvLayerSend& layer);
-  absl::Status SendQueuedLocked(std::unique_lock<std::mutex>& lock, const KvLayerSend& layer);
+  absl::Status Send(FrameSource& frame);
+  absl::Status SendDirectLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame);
+  absl::Status SendQueuedLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame);
   absl::StatusOr<UniqueFd> Dial() const;  // connect + geometry handshake
   void WriterLoop();
   void FailConnectionLocked(uint64_t generation, const absl::Status& why,
@@ -107,6 +120,7 @@ class TcpSender {
  public:
   explicit TcpSender(const TransportOptions& options) : options_(options) {}
   absl::Status SendLayer(const std::string& peer, const KvLayerSend& layer);
+  absl::Status SendState(const std::string& peer, const KvStateSend& state);
   void Finish(const std::string& peer, TransferKey key, DoneCallback done);
 
  private:

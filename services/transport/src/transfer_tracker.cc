@@ -11,25 +11,42 @@ namespace cleave::transport {
 struct TransferTracker::Transfer {
   TransferKey key;
   std::vector<int32_t> blocks;  // the agreement: sorted, unique
-  std::vector<uint8_t>
-      landed;  // [layer * blocks.size() + slot]: 1 once that block's K and V landed
+  int state_slot = -1;          // the agreed state slot; < 0: none
+  // [kv_row * blocks.size() + slot]: 1 once that block's K and V landed in that KV layer.
+  std::vector<uint8_t> landed;
   size_t landed_count = 0;
-  int writers = 0;       // BeginLayer tickets not yet ended
+  // [state_row]: 1 once that state layer's slot landed. Empty when no slot is agreed.
+  std::vector<uint8_t> state_landed;
+  size_t state_landed_count = 0;
+  int writers = 0;       // BeginLayer / BeginState tickets not yet ended
   bool removed = false;  // no longer in the map: late EndLayers change nothing
 };
 
 TransferTracker::TransferTracker(const KvGeometry& geometry, ReceiverCallbacks callbacks)
-    : geometry_(geometry), callbacks_(std::move(callbacks)) {}
+    : geometry_(geometry), callbacks_(std::move(callbacks)) {
+  const int n = std::max(geometry_.num_layers, 0);
+  kv_row_.assign(n, -1);
+  state_row_.assign(n, -1);
+  for (int l = 0; l < n; ++l) {
+    if (geometry_.is_state_layer(l)) {
+      state_row_[l] = static_cast<int>(num_state_layers_++);
+    } else {
+      kv_row_[l] = static_cast<int>(num_kv_layers_++);
+    }
+  }
+}
 
 TransferTracker::~TransferTracker() = default;
 
-void TransferTracker::Expect(TransferKey key, std::vector<int32_t> blocks) {
+void TransferTracker::Expect(TransferKey key, std::vector<int32_t> blocks, int state_slot) {
   auto t = std::make_shared<Transfer>();
   t->key = key;
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-  t->landed.assign(blocks.size() * static_cast<size_t>(std::max(geometry_.num_layers, 0)), 0);
+  t->landed.assign(blocks.size() * num_kv_layers_, 0);
   t->blocks = std::move(blocks);
+  t->state_slot = state_slot < 0 ? -1 : state_slot;
+  if (t->state_slot >= 0) t->state_landed.assign(num_state_layers_, 0);
   std::unique_lock lock(mu_);
   RemoveAndDrain(lock, key);
   ended_.erase(key);
@@ -59,48 +76,101 @@ void TransferTracker::MarkEnded(TransferKey key) {
   agreed_.notify_all();
 }
 
-TransferTracker::LayerTicket TransferTracker::BeginLayer(TransferKey key, uint64_t layer,
-                                                         std::span<const int32_t> blocks) {
-  LayerTicket ticket;
-  std::unique_lock lock(mu_);
+std::shared_ptr<TransferTracker::Transfer> TransferTracker::FindAgreed(
+    std::unique_lock<std::mutex>& lock, TransferKey key) {
   AwaitAgreement(lock, key);
   auto it = transfers_.find(key);
-  if (it == transfers_.end()) return ticket;  // kDiscard
-  Transfer& t = *it->second;
+  return it == transfers_.end() ? nullptr : it->second;
+}
+
+TransferTracker::LayerTicket TransferTracker::Refuse(std::unique_lock<std::mutex>& lock,
+                                                     TransferKey key, std::string why) {
+  LayerTicket ticket;
+  ticket.verdict = Verdict::kRefuse;
+  ticket.why = std::move(why);
+  RemoveAndDrain(lock, key);
+  MarkEnded(key);
+  lock.unlock();
+  CallFailed(key, ticket.why);
+  return ticket;
+}
+
+TransferTracker::LayerTicket TransferTracker::BeginLayer(TransferKey key, uint64_t layer,
+                                                         std::span<const int32_t> blocks) {
+  std::unique_lock lock(mu_);
+  std::shared_ptr<Transfer> transfer = FindAgreed(lock, key);
+  if (!transfer) return LayerTicket{};  // kDiscard
+  Transfer& t = *transfer;
 
   if (layer >= static_cast<uint64_t>(geometry_.num_layers)) {
-    ticket.why =
-        absl::StrCat("layer ", layer, " out of range (num_layers ", geometry_.num_layers, ")");
+    return Refuse(
+        lock, key,
+        absl::StrCat("layer ", layer, " out of range (num_layers ", geometry_.num_layers, ")"));
   }
-  std::vector<uint8_t> seen(ticket.why.empty() ? t.blocks.size() : 0, 0);
-  for (size_t i = 0; i < blocks.size() && ticket.why.empty(); ++i) {
+  if (kv_row_[layer] < 0) {
+    return Refuse(lock, key, absl::StrCat("layer ", layer, " is a state layer: no KV blocks"));
+  }
+  LayerTicket ticket;
+  std::vector<uint8_t> seen(t.blocks.size(), 0);
+  for (size_t i = 0; i < blocks.size(); ++i) {
     const int32_t b = blocks[i];
     const auto pos = std::lower_bound(t.blocks.begin(), t.blocks.end(), b);
     if (b < 0 || b >= geometry_.num_blocks) {
-      ticket.why =
-          absl::StrCat("block ", b, " out of range (num_blocks ", geometry_.num_blocks, ")");
-    } else if (pos == t.blocks.end() || *pos != b) {
-      ticket.why = absl::StrCat("block ", b, " was not agreed for this transfer");
-    } else {
-      const auto slot = static_cast<uint32_t>(pos - t.blocks.begin());
-      if (seen[slot]) ticket.why = absl::StrCat("block ", b, " appears twice in one frame");
-      seen[slot] = 1;
-      ticket.slots.push_back(slot);
+      return Refuse(
+          lock, key,
+          absl::StrCat("block ", b, " out of range (num_blocks ", geometry_.num_blocks, ")"));
     }
-  }
-  if (!ticket.why.empty()) {
-    ticket.verdict = Verdict::kRefuse;
-    ticket.slots.clear();
-    RemoveAndDrain(lock, key);
-    MarkEnded(key);
-    lock.unlock();
-    CallFailed(key, ticket.why);
-    return ticket;
+    if (pos == t.blocks.end() || *pos != b) {
+      return Refuse(lock, key, absl::StrCat("block ", b, " was not agreed for this transfer"));
+    }
+    const auto slot = static_cast<uint32_t>(pos - t.blocks.begin());
+    if (seen[slot]) {
+      return Refuse(lock, key, absl::StrCat("block ", b, " appears twice in one frame"));
+    }
+    seen[slot] = 1;
+    ticket.slots.push_back(slot);
   }
   ++t.writers;
   ticket.verdict = Verdict::kWrite;
-  ticket.transfer = it->second;
+  ticket.transfer = std::move(transfer);
   ticket.layer = static_cast<uint32_t>(layer);
+  return ticket;
+}
+
+TransferTracker::LayerTicket TransferTracker::BeginState(TransferKey key, uint64_t layer,
+                                                         uint64_t slot) {
+  std::unique_lock lock(mu_);
+  std::shared_ptr<Transfer> transfer = FindAgreed(lock, key);
+  if (!transfer) return LayerTicket{};  // kDiscard
+  Transfer& t = *transfer;
+
+  if (layer >= static_cast<uint64_t>(geometry_.num_layers)) {
+    return Refuse(
+        lock, key,
+        absl::StrCat("layer ", layer, " out of range (num_layers ", geometry_.num_layers, ")"));
+  }
+  if (state_row_[layer] < 0) {
+    return Refuse(lock, key, absl::StrCat("layer ", layer, " is a KV layer: no state"));
+  }
+  if (slot >= static_cast<uint64_t>(std::max(geometry_.num_state_slots, 0))) {
+    return Refuse(lock, key,
+                  absl::StrCat("state slot ", slot, " out of range (num_state_slots ",
+                               geometry_.num_state_slots, ")"));
+  }
+  if (t.state_slot < 0) {
+    return Refuse(lock, key, "no state slot was agreed for this transfer");
+  }
+  if (slot != static_cast<uint64_t>(t.state_slot)) {
+    return Refuse(lock, key,
+                  absl::StrCat("state slot ", slot, " was not agreed for this transfer (",
+                               t.state_slot, " was)"));
+  }
+  ++t.writers;
+  LayerTicket ticket;
+  ticket.verdict = Verdict::kWrite;
+  ticket.transfer = std::move(transfer);
+  ticket.layer = static_cast<uint32_t>(layer);
+  ticket.is_state = true;
   return ticket;
 }
 
@@ -109,8 +179,12 @@ void TransferTracker::EndLayer(LayerTicket& ticket, bool written, const std::str
   std::shared_ptr<Transfer> t = std::move(ticket.transfer);
   std::unique_lock lock(mu_);
   --t->writers;
-  if (written && !t->removed) {
-    const size_t base = static_cast<size_t>(ticket.layer) * t->blocks.size();
+  if (written && !t->removed && ticket.is_state) {
+    uint8_t& l = t->state_landed[static_cast<size_t>(state_row_[ticket.layer])];
+    t->state_landed_count += l == 0;
+    l = 1;
+  } else if (written && !t->removed) {
+    const size_t base = static_cast<size_t>(kv_row_[ticket.layer]) * t->blocks.size();
     for (uint32_t slot : ticket.slots) {
       uint8_t& l = t->landed[base + slot];
       t->landed_count += l == 0;
@@ -124,7 +198,7 @@ void TransferTracker::EndLayer(LayerTicket& ticket, bool written, const std::str
   RemoveAndDrain(lock, key);
   MarkEnded(key);
   lock.unlock();
-  CallFailed(key, why.empty() ? "layer frame truncated" : why);
+  CallFailed(key, why.empty() ? "frame truncated" : why);
 }
 
 void TransferTracker::Finish(TransferKey key) {
@@ -135,11 +209,13 @@ void TransferTracker::Finish(TransferKey key) {
   lock.unlock();
   if (!t) return;  // cancelled, already failed, or a duplicate finish
   const size_t want = t->landed.size();
-  if (t->landed_count == want) {
+  const size_t want_state = t->state_landed.size();
+  if (t->landed_count == want && t->state_landed_count == want_state) {
     CallReady(key);
   } else {
     CallFailed(key, absl::StrCat("incomplete: ", t->landed_count, " of ", want,
-                                 " (layer, block) pairs arrived before the finish frame"));
+                                 " (layer, block) pairs and ", t->state_landed_count, " of ",
+                                 want_state, " state layers arrived before the finish frame"));
   }
 }
 

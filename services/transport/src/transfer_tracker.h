@@ -1,17 +1,19 @@
 // The receiving side's book of agreed transfers, shared by every backend so that a frame is
 // judged by the same rules whether it came over TCP or a memcpy.
 //
-// Per (request_id, attempt) it holds the blocks the scheduler agreed (Expect) and which
-// (layer, block) pairs have landed. A frame's bytes are written only between BeginLayer (which
-// checks the frame against the agreement and pins the transfer) and EndLayer. Forget / Finish /
-// Fail wait for pinned writes of that transfer to end before they return, so once Forget returns
-// nothing more is written for it and its blocks can be handed to another request.
+// Per (request_id, attempt) it holds what the scheduler agreed (Expect: blocks, and a state slot
+// or none) and which (KV layer, block) pairs and which state layers have landed. A frame's bytes
+// are written only between BeginLayer / BeginState (which check the frame against the agreement
+// and pin the transfer) and EndLayer. Forget / Finish / Fail wait for pinned writes of that
+// transfer to end before they return, so once Forget returns nothing more is written for it and
+// its blocks and slot can be handed to another request.
 //
 // A transfer's life:
 //
-//   Expect ──> open ──BeginLayer/EndLayer (any number, any layer order)──> open
+//   Expect ──> open ──Begin{Layer,State}/EndLayer (any number, any layer order)──> open
 //                │                                                        │
-//                ├── Finish: all (layer, block) landed ──> on_ready,  removed
+//                ├── Finish: every (KV layer, block) and, with a slot agreed, every state
+//                │   layer landed                   ──> on_ready,  removed
 //                ├── Finish: some missing           ──> on_failed("incomplete"), removed
 //                ├── a frame breaks the agreement   ──> on_failed(why), removed
 //                └── Forget                         ──> removed, no callback
@@ -66,7 +68,8 @@ class TransferTracker {
     std::string why;                     // kRefuse: the reason given to on_failed
     std::shared_ptr<Transfer> transfer;  // kWrite: the pinned transfer
     uint32_t layer = 0;                  // kWrite: where the frame lands
-    std::vector<uint32_t> slots;         // kWrite: index of each frame block in the agreement
+    bool is_state = false;               // kWrite: a STATE frame (into the agreed slot)
+    std::vector<uint32_t> slots;         // kWrite, LAYER: index of each block in the agreement
   };
 
   TransferTracker(const KvGeometry& geometry, ReceiverCallbacks callbacks);
@@ -76,15 +79,19 @@ class TransferTracker {
 
   const KvGeometry& geometry() const { return geometry_; }
 
-  // Replaces any earlier agreement for `key` (dropping what had landed).
-  void Expect(TransferKey key, std::vector<int32_t> blocks);
+  // Replaces any earlier agreement for `key` (dropping what had landed). state_slot < 0: no
+  // state is agreed (state frames are refused, and readiness needs none).
+  void Expect(TransferKey key, std::vector<int32_t> blocks, int state_slot = -1);
   void Forget(TransferKey key);
 
-  // Checks layer < num_layers and that every id is in range, agreed for `key` and not repeated
-  // in the frame. Call only after CheckLayerFraming (layer_checks.h) passed.
+  // Checks layer < num_layers and is a KV layer, and that every id is in range, agreed for
+  // `key` and not repeated in the frame. Call only after CheckLayerFraming (layer_checks.h).
   LayerTicket BeginLayer(TransferKey key, uint64_t layer, std::span<const int32_t> blocks);
-  // Ends a kWrite ticket. written == false (the payload did not fully arrive) fails the
-  // transfer with `why`.
+  // Checks layer < num_layers and is a state layer, and slot < num_state_slots and is the slot
+  // agreed for `key`. Call only after CheckStateFraming (layer_checks.h).
+  LayerTicket BeginState(TransferKey key, uint64_t layer, uint64_t slot);
+  // Ends a kWrite ticket of either kind. written == false (the payload did not fully arrive)
+  // fails the transfer with `why`.
   void EndLayer(LayerTicket& ticket, bool written, const std::string& why = "");
 
   // The sender's finish frame: on_ready if complete, else on_failed("incomplete ...").
@@ -101,6 +108,10 @@ class TransferTracker {
   }
 
  private:
+  // Waits for the agreement of `key`, then returns it; nullptr when there is none (kDiscard).
+  std::shared_ptr<Transfer> FindAgreed(std::unique_lock<std::mutex>& lock, TransferKey key);
+  // Refuses a frame that broke the agreement: removes `key`, then on_failed(why) unlocked.
+  LayerTicket Refuse(std::unique_lock<std::mutex>& lock, TransferKey key, std::string why);
   // Removes `key` and waits until no write holds it; nullptr when it was not expected.
   std::shared_ptr<Transfer> RemoveAndDrain(std::unique_lock<std::mutex>& lock, TransferKey key);
   void CallReady(TransferKey key);
@@ -115,6 +126,10 @@ class TransferTracker {
   static constexpr size_t kMaxEnded = 16384;
 
   const KvGeometry geometry_;
+  // Per layer: its row among the KV layers (landed bookkeeping), or -1 for a state layer; and
+  // its row among the state layers, or -1 for a KV layer.
+  std::vector<int> kv_row_, state_row_;
+  size_t num_kv_layers_ = 0, num_state_layers_ = 0;
   const ReceiverCallbacks callbacks_;
   std::atomic<bool> silenced_{false};
   std::mutex mu_;
