@@ -91,8 +91,15 @@ void Engine::Post(v1::SchedulerMessage message) {
   {
     std::lock_guard lock(mu_);
     inbox_.push_back(std::move(message));
+    ++posted_;
   }
   cv_.notify_one();
+}
+
+void Engine::WaitForDeltas() {
+  std::unique_lock lock(mu_);
+  const uint64_t target = posted_;
+  applied_cv_.wait(lock, [&] { return applied_ >= target || stop_; });
 }
 
 void Engine::Stop() {
@@ -101,6 +108,7 @@ void Engine::Stop() {
     stop_ = true;
   }
   cv_.notify_all();
+  applied_cv_.notify_all();
 }
 
 void Engine::Reset() {
@@ -108,8 +116,10 @@ void Engine::Reset() {
     std::lock_guard lock(mu_);
     reset_ = true;
     inbox_.clear();
+    applied_ = posted_;
   }
   cv_.notify_all();
+  applied_cv_.notify_all();
 }
 
 int Engine::num_requests() const { return num_requests_.load(); }
@@ -130,11 +140,13 @@ void Engine::Run() {
 void Engine::ApplyDeltas() {
   std::vector<v1::SchedulerMessage> inbox;
   bool reset = false;
+  uint64_t taken = 0;
   {
     std::lock_guard lock(mu_);
     inbox.swap(inbox_);
     reset = reset_;
     reset_ = false;
+    taken = posted_;
   }
   if (reset) {
     // The sender keeps a record of every transfer until its Finish.
@@ -147,6 +159,11 @@ void Engine::ApplyDeltas() {
   for (const auto& m : inbox) Apply(m);
   std::erase_if(order_, [&](uint64_t id) { return !seqs_.contains(id); });
   num_requests_ = static_cast<int>(seqs_.size());
+  {
+    std::lock_guard lock(mu_);
+    applied_ = std::max(applied_, taken);
+  }
+  applied_cv_.notify_all();
 }
 
 void Engine::Apply(const v1::SchedulerMessage& m) {

@@ -201,6 +201,9 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     v1::SchedulerMessage msg;
     while (stream->Read(&msg)) {
       if (msg.has_expect_kv() && receiver) {
+        // The blocks and slot may have belonged to a request removed just before: let the engine
+        // drop it (finish its current step) before anything may write them for the new one.
+        engine.WaitForDeltas();
         const auto& e = msg.expect_kv();
         receiver->Expect(e.request_id(), e.attempt(), {e.blocks().begin(), e.blocks().end()},
                          e.state_slot());

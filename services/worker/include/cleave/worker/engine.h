@@ -60,6 +60,11 @@ class Engine {
 
   // Thread-safe: queue a delta for the next iteration boundary.
   void Post(v1::SchedulerMessage message);
+  // Thread-safe: returns once every delta posted before the call has been applied (so a removed
+  // request's blocks and state slot are no longer written by any step), or the engine stopped.
+  // The decode worker calls it before accepting a transfer into blocks or a slot the scheduler
+  // may have just taken from a removed request.
+  void WaitForDeltas();
   // Runs iterations until Stop(); sleeps while there is nothing to do.
   void Run();
   void Stop();
@@ -92,6 +97,9 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<v1::SchedulerMessage> inbox_;
+  uint64_t posted_ = 0;   // deltas ever posted
+  uint64_t applied_ = 0;  // of those, applied (or dropped by Reset)
+  std::condition_variable applied_cv_;
   bool stop_ = false;
   bool reset_ = false;
 
