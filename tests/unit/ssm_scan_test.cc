@@ -1,21 +1,11 @@
-// Mamba ops (ssm.h) on the CPU backend against plain double-precision loops that follow
-// transformers' MambaMixer / JambaMambaMixer slow path.
-//
-// Strided operands are column windows of wider buffers whose other columns are NaN, so a kernel
-// that reads outside its rows poisons its output. Every state pool holds more slots than the batch
-// uses; the unused ones must come back bitwise untouched.
-#include "cleave/kernels/ssm.h"
-
+// SelectiveScan (ssm.h) on the CPU backend against plain double-precision loops that follow
+// transformers' MambaMixer / JambaMambaMixer slow path (the selective scan and its one-step state
+// update), and against numbers recorded from MambaMixer itself. Shared helpers: ssm_test_util.h.
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 #include <initializer_list>
-#include <limits>
-#include <numeric>
 #include <random>
 #include <string>
 #include <utility>
@@ -24,176 +14,22 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cleave/kernels/gemm.h"
+#include "cleave/kernels/ssm.h"
 #include "cleave/kernels/tensor.h"
 #include "unit/kernel_test_util.h"
+#include "unit/ssm_test_util.h"
 
 namespace cleave::kernels {
 namespace {
 
+using namespace ssm_testing;  // NOLINT(build/namespaces)
 using testing_util::AllClose;
 using testing_util::kSeed;
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// Conv: K products and a vector exp (~2 ulp) in f32 against double.
-constexpr double kConvAtol = 2e-6;
-constexpr double kConvRtol = 2e-5;
-// Scan: N products per token, a vector exp and log1p per step, and the recurrence carrying
-// rounding forward (damped: |exp(delta * A)| < 1).
+// N products per token, a vector exp and log1p per step, and the recurrence carrying rounding
+// forward (damped: |exp(delta * A)| < 1).
 constexpr double kScanAtol = 2e-5;
 constexpr double kScanRtol = 1e-4;
-// One call against the same tokens cut into chunks or decode steps (same kernel, f32 both).
-constexpr double kChunkAtol = 1e-6;
-constexpr double kChunkRtol = 1e-5;
-
-// ---------------------------------------------------------------------------------------------
-// Test data.
-
-// A [rows, cols] f32 operand; with `strided`, a column window of a [rows, 2 * cols + 5] buffer
-// whose other columns are NaN.
-struct Rows {
-  int64_t rows = 0, cols = 0, ld = 0, offset = 0;
-  std::vector<float> buf;
-
-  float at(int64_t r, int64_t c) const { return buf[r * ld + offset + c]; }
-  Tensor View() { return Tensor(buf.data(), DType::kF32, {rows, ld}).Narrow(1, offset, cols); }
-};
-
-Rows MakeRows(int64_t rows, int64_t cols, bool strided, std::mt19937& rng, float lo, float hi) {
-  Rows r;
-  r.rows = rows;
-  r.cols = cols;
-  r.ld = strided ? 2 * cols + 5 : cols;
-  r.offset = strided ? cols + 2 : 0;
-  r.buf.assign(static_cast<size_t>(std::max<int64_t>(1, rows * r.ld)), kNaN);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) r.buf[i * r.ld + r.offset + j] = dist(rng);
-  }
-  return r;
-}
-
-std::vector<float> Uniform(size_t n, std::mt19937& rng, float lo, float hi) {
-  return testing_util::RandomFloats(n, rng, lo, hi);
-}
-
-struct Seq {
-  int len;
-  int slot;
-  bool init;  // has_initial_state
-};
-
-// A packed batch and its index tensors.
-struct Batch {
-  std::vector<Seq> seqs;
-  std::vector<int32_t> qsl, slots, init;
-  int64_t tokens = 0;
-
-  SsmSequences Tensors() {
-    SsmSequences s;
-    const int64_t b = static_cast<int64_t>(slots.size());
-    s.query_start_loc = Tensor(qsl.data(), DType::kI32, {b + 1});
-    s.state_slots = Tensor(slots.data(), DType::kI32, {b});
-    s.has_initial_state = Tensor(init.data(), DType::kI32, {b});
-    return s;
-  }
-};
-
-Batch MakeBatch(const std::vector<Seq>& seqs) {
-  Batch b;
-  b.seqs = seqs;
-  b.qsl.push_back(0);
-  for (const Seq& s : seqs) {
-    b.qsl.push_back(b.qsl.back() + s.len);
-    b.slots.push_back(s.slot);
-    b.init.push_back(s.init ? 1 : 0);
-  }
-  b.tokens = b.qsl.back();
-  return b;
-}
-
-std::string Describe(const Batch& b) {
-  std::string s = "seqs(len@slot,init)=";
-  for (const Seq& q : b.seqs) absl::StrAppend(&s, q.len, "@", q.slot, q.init ? "i " : " ");
-  return s;
-}
-
-double Silu(double v) { return v / (1.0 + std::exp(-v)); }
-
-// torch's softplus, threshold 20.
-double Softplus(double v) { return v > 20.0 ? v : std::log1p(std::exp(v)); }
-
-std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
-
-bool BitwiseEqual(const float* a, const float* b, size_t n) {
-  return std::memcmp(a, b, n * sizeof(float)) == 0;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Conv.
-
-struct ConvProblem {
-  int64_t c = 0, k = 0, num_slots = 0;
-  bool silu = true;
-  Rows x;
-  std::vector<float> weight, bias, state, out;  // bias empty: none
-
-  size_t slot_floats() const { return static_cast<size_t>(c * (k - 1)); }
-};
-
-ConvProblem MakeConv(int64_t c, int64_t k, int64_t num_slots, int64_t tokens, bool strided,
-                     bool with_bias, std::mt19937& rng) {
-  ConvProblem p;
-  p.c = c;
-  p.k = k;
-  p.num_slots = num_slots;
-  p.x = MakeRows(tokens, c, strided, rng, -2.0f, 2.0f);
-  p.weight = Uniform(static_cast<size_t>(c * k), rng, -0.7f, 0.7f);
-  if (with_bias) p.bias = Uniform(static_cast<size_t>(c), rng, -0.5f, 0.5f);
-  p.state = Uniform(std::max<size_t>(1, num_slots * p.slot_floats()), rng, -2.0f, 2.0f);
-  p.out.assign(static_cast<size_t>(std::max<int64_t>(1, tokens * c)), kNaN);
-  return p;
-}
-
-// Runs the batch on rows [row0, row0 + tokens) of x / out.
-absl::Status RunConv(ConvProblem& p, Batch& b, int64_t row0 = 0) {
-  CausalConv1dArgs a;
-  a.x = p.x.View().Slice0(row0, row0 + b.tokens);
-  a.weight = Tensor(p.weight.data(), DType::kF32, {p.c, p.k});
-  if (!p.bias.empty()) a.bias = Tensor(p.bias.data(), DType::kF32, {p.c});
-  a.seqs = b.Tensors();
-  a.conv_state = Tensor(p.state.data(), DType::kF32, {p.num_slots, p.c, p.k - 1});
-  a.silu = p.silu;
-  a.out = Tensor(p.out.data(), DType::kF32, {p.x.rows, p.c}).Slice0(row0, row0 + b.tokens);
-  return CausalConv1d(a);
-}
-
-// out for the batch's rows, and the whole pool afterwards (in `state`), in double.
-std::vector<double> ConvReference(const ConvProblem& p, const Batch& b, std::vector<double>& state,
-                                  int64_t row0 = 0) {
-  const int64_t hist = p.k - 1;
-  state = ToDouble(p.state);
-  std::vector<double> out(static_cast<size_t>(b.tokens * p.c));
-  for (size_t i = 0; i < b.seqs.size(); ++i) {
-    const Seq& s = b.seqs[i];
-    for (int64_t c = 0; c < p.c; ++c) {
-      double* slot = state.data() + (s.slot * p.c + c) * hist;
-      std::vector<double> xpad(static_cast<size_t>(hist), 0.0);
-      if (s.init) std::copy(slot, slot + hist, xpad.begin());
-      for (int t = 0; t < s.len; ++t) xpad.push_back(p.x.at(row0 + b.qsl[i] + t, c));
-      for (int t = 0; t < s.len; ++t) {
-        double acc = p.bias.empty() ? 0.0 : p.bias[c];
-        for (int64_t j = 0; j < p.k; ++j) acc += double{p.weight[c * p.k + j]} * xpad[t + j];
-        out[(b.qsl[i] + t) * p.c + c] = p.silu ? Silu(acc) : acc;
-      }
-      std::copy(xpad.end() - hist, xpad.end(), slot);
-    }
-  }
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scan.
 
 struct ScanProblem {
   int64_t c = 0, n = 0, num_slots = 0;
@@ -282,157 +118,6 @@ std::vector<double> ScanReference(const ScanProblem& p, const Batch& b, std::vec
   }
   return out;
 }
-
-// Slots the batch does not name must not change.
-::testing::AssertionResult OtherSlotsUntouched(const std::vector<float>& before,
-                                               const std::vector<float>& after, const Batch& b,
-                                               size_t slot_floats, int64_t num_slots) {
-  for (int64_t s = 0; s < num_slots; ++s) {
-    if (std::find(b.slots.begin(), b.slots.end(), s) != b.slots.end()) continue;
-    if (!BitwiseEqual(before.data() + s * slot_floats, after.data() + s * slot_floats,
-                      slot_floats)) {
-      return ::testing::AssertionFailure() << "slot " << s << " is not in the batch but changed";
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
-
-// Varied lengths (1 .. 1000) on shuffled slots, half continuing from a state.
-std::vector<Seq> VarlenSeqs(int num_slots, std::mt19937& rng) {
-  const int lens[] = {1, 3, 17, 200, 1000};
-  std::vector<int> slots(num_slots);
-  std::iota(slots.begin(), slots.end(), 0);
-  std::shuffle(slots.begin(), slots.end(), rng);
-  std::vector<Seq> seqs;
-  for (int i = 0; i < 5; ++i) seqs.push_back({lens[i], slots[i], i % 2 == 1});
-  std::shuffle(seqs.begin(), seqs.end(), rng);
-  return seqs;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Conv tests.
-
-struct ConvShape {
-  int64_t c, k;
-  bool strided, bias;
-};
-
-void CheckConvAgainstReference(const ConvShape& sh, const std::vector<Seq>& seqs, int64_t slots,
-                               const std::string& label, uint32_t salt, bool silu = true) {
-  std::mt19937 rng(kSeed + salt);
-  Batch b = MakeBatch(seqs);
-  ConvProblem p = MakeConv(sh.c, sh.k, slots, b.tokens, sh.strided, sh.bias, rng);
-  p.silu = silu;
-  std::vector<double> want_state;
-  const std::vector<double> want = ConvReference(p, b, want_state);
-  const std::vector<float> before = p.state;
-  const absl::Status st = RunConv(p, b);
-  ASSERT_TRUE(st.ok()) << st;
-  const std::string name =
-      absl::StrCat(label, " C=", sh.c, " K=", sh.k, sh.strided ? " strided" : "",
-                   sh.bias ? "" : " no-bias", silu ? "" : " no-silu", " ", Describe(b));
-  EXPECT_TRUE(
-      AllClose(name + " out", p.out.data(), want.data(), want.size(), kConvAtol, kConvRtol));
-  EXPECT_TRUE(AllClose(name + " state", p.state, want_state, kConvAtol, kConvRtol));
-  EXPECT_TRUE(OtherSlotsUntouched(before, p.state, b, p.slot_floats(), slots));
-}
-
-TEST(CausalConv1dTest, SingleSequence) {
-  for (const ConvShape& sh :
-       {ConvShape{16, 4, false, true}, ConvShape{37, 4, false, true}, ConvShape{100, 3, true, true},
-        ConvShape{8, 1, false, true}, ConvShape{64, 2, false, false}}) {
-    for (const Seq& s : {Seq{1, 0, false}, Seq{2, 1, true}, Seq{50, 1, false}, Seq{50, 0, true}}) {
-      CheckConvAgainstReference(sh, {s}, 2, "single", static_cast<uint32_t>(sh.c * 10 + s.len));
-    }
-  }
-}
-
-TEST(CausalConv1dTest, VarlenBatch) {
-  std::mt19937 rng(kSeed);
-  for (const ConvShape& sh : {ConvShape{80, 4, false, true}, ConvShape{80, 4, true, true},
-                              ConvShape{13, 3, true, false}}) {
-    CheckConvAgainstReference(sh, VarlenSeqs(8, rng), 8, "varlen", 1);
-  }
-}
-
-TEST(CausalConv1dTest, NoBiasNoSilu) {
-  CheckConvAgainstReference({24, 4, true, false}, {{9, 2, true}, {4, 0, false}}, 3, "plain", 2,
-                            /*silu=*/false);
-}
-
-// Empty sequences: with a state they keep it; without, their slot is reset to zeros (the state
-// after no tokens from zero state).
-TEST(CausalConv1dTest, EmptySequences) {
-  CheckConvAgainstReference({16, 4, false, true}, {{0, 0, true}, {0, 1, false}, {5, 2, true}}, 4,
-                            "empty", 3);
-}
-
-TEST(CausalConv1dTest, LongSequence) {
-  CheckConvAgainstReference({48, 4, true, true}, {{2000, 1, true}}, 2, "long", 4);
-}
-
-// Chunks of 7 tokens carrying state, and prefill then token-by-token decode, give what one call
-// gives.
-TEST(CausalConv1dTest, ChunksAndDecodeMatchOneCall) {
-  std::mt19937 rng(kSeed + 5);
-  const int64_t len = 300, c = 40, k = 4, slot = 1;
-  ConvProblem p = MakeConv(c, k, 3, len, /*strided=*/true, /*with_bias=*/true, rng);
-  const std::vector<float> initial = p.state;
-  Batch whole = MakeBatch({{static_cast<int>(len), static_cast<int>(slot), true}});
-  ASSERT_TRUE(RunConv(p, whole).ok());
-  const std::vector<double> want = ToDouble(p.out), want_state = ToDouble(p.state);
-
-  for (const int64_t step : {int64_t{7}, int64_t{1}}) {
-    p.state = initial;
-    std::fill(p.out.begin(), p.out.end(), kNaN);
-    // Decode: a 100-token prefill, then one token per call.
-    const int64_t first = step == 1 ? 100 : step;
-    for (int64_t t0 = 0; t0 < len;) {
-      const int64_t n = std::min(len - t0, t0 == 0 ? first : step);
-      Batch b = MakeBatch({{static_cast<int>(n), static_cast<int>(slot), true}});
-      const absl::Status st = RunConv(p, b, t0);
-      ASSERT_TRUE(st.ok()) << st;
-      t0 += n;
-    }
-    const std::string label = step == 1 ? "conv prefill+decode" : "conv chunks of 7";
-    EXPECT_TRUE(AllClose(label + " out", p.out, want, kChunkAtol, kChunkRtol));
-    EXPECT_TRUE(AllClose(label + " state", p.state, want_state, kChunkAtol, kChunkRtol));
-  }
-}
-
-// Decode against transformers' causal_conv1d_update path: a K-wide window rolled left by one,
-// the new input written last, out = act(sum(window * weight) + bias).
-TEST(CausalConv1dTest, DecodeMatchesHfRollingWindow) {
-  std::mt19937 rng(kSeed + 6);
-  const int64_t c = 24, k = 4, prefill = 2, steps = 10, slot = 0;
-  ConvProblem p = MakeConv(c, k, 1, prefill + steps, false, true, rng);
-  Batch pre = MakeBatch({{static_cast<int>(prefill), static_cast<int>(slot), false}});
-  ASSERT_TRUE(RunConv(p, pre).ok());
-  // HF after the prefill: the last K inputs, left zero-padded.
-  std::vector<double> window(static_cast<size_t>(c * k), 0.0);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    for (int64_t t = 0; t < prefill; ++t) window[ch * k + k - prefill + t] = p.x.at(t, ch);
-  }
-  std::vector<double> want(static_cast<size_t>(steps * c));
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t row = prefill + s;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      double* w = window.data() + ch * k;
-      std::rotate(w, w + 1, w + k);
-      w[k - 1] = p.x.at(row, ch);
-      double acc = p.bias[ch];
-      for (int64_t j = 0; j < k; ++j) acc += w[j] * p.weight[ch * k + j];
-      want[s * c + ch] = Silu(acc);
-    }
-    Batch step = MakeBatch({{1, static_cast<int>(slot), true}});
-    ASSERT_TRUE(RunConv(p, step, row).ok());
-  }
-  EXPECT_TRUE(AllClose("conv decode vs HF rolling window", p.out.data() + prefill * c, want.data(),
-                       want.size(), kConvAtol, kConvRtol));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scan tests.
 
 struct ScanShape {
   int64_t c, n;
@@ -526,142 +211,32 @@ TEST(SelectiveScanTest, ChunksAndDecodeMatchOneCall) {
   std::mt19937 rng(kSeed + 9);
   ScanOptions o;
   o.strided = true;
-  const int64_t len = 300, c = 72, n = 16, slot = 2;
-  ScanProblem p = MakeScan(c, n, 3, len, o, rng);
-  const std::vector<float> initial = p.state;
-  Batch whole = MakeBatch({{static_cast<int>(len), static_cast<int>(slot), true}});
-  ASSERT_TRUE(RunScan(p, whole).ok());
-  const std::vector<double> want = ToDouble(p.out), want_state = ToDouble(p.state);
-
-  for (const int64_t step : {int64_t{7}, int64_t{1}}) {
-    p.state = initial;
-    std::fill(p.out.begin(), p.out.end(), kNaN);
-    const int64_t first = step == 1 ? 100 : step;
-    for (int64_t t0 = 0; t0 < len;) {
-      const int64_t m = std::min(len - t0, t0 == 0 ? first : step);
-      Batch b = MakeBatch({{static_cast<int>(m), static_cast<int>(slot), true}});
-      const absl::Status st = RunScan(p, b, t0);
-      ASSERT_TRUE(st.ok()) << st;
-      t0 += m;
-    }
-    const std::string label = step == 1 ? "scan prefill+decode" : "scan chunks of 7";
-    EXPECT_TRUE(AllClose(label + " out", p.out, want, kChunkAtol, kChunkRtol));
-    EXPECT_TRUE(AllClose(label + " state", p.state, want_state, kChunkAtol, kChunkRtol));
-  }
+  ScanProblem p = MakeScan(72, 16, 3, 300, o, rng);
+  ExpectChunksAndDecodeMatchOneCall("scan", p, 300, 2, &RunScan);
 }
 
-// Many short sequences (decode), over several channel blocks of both ops (the conv's 256 and the
-// scan's 64, each with a partial last block), on three threads: the block-major path.
-TEST(SsmDecodeTest, ManySequencesMatchReference) {
-  std::mt19937 rng(kSeed + 13);
-  std::vector<Seq> seqs;
-  for (int i = 0; i < 40; ++i) seqs.push_back({i % 7 == 0 ? 1 + i % 4 : 1, 45 - i, i % 5 != 0});
+// Many short sequences (decode), over several channel blocks (64 channels each, the last one
+// partial), on three threads: the block-major path.
+TEST(SelectiveScanTest, ManyDecodeSequencesMatchReference) {
   SetCpuThreads(3);
-  CheckConvAgainstReference({520, 4, true, true}, seqs, 48, "decode", 13);
   ScanOptions o;
   o.strided = true;
-  CheckScanAgainstReference({520, 16}, seqs, 48, o, "decode", 14);
+  CheckScanAgainstReference({520, 16}, ManyDecodeSeqs(), 48, o, "decode", 14);
   SetCpuThreads(0);
 }
 
-// A sequence's output and final state are bitwise the same alone (on another slot, on one thread)
-// as inside a mixed batch (on three threads).
-TEST(SsmBatchInvarianceTest, SequenceAloneEqualsSequenceInBatch) {
+TEST(SelectiveScanTest, SequenceAloneEqualsSequenceInBatch) {
   std::mt19937 rng(kSeed + 10);
-  const std::vector<Seq> seqs = {{1, 4, true},  {200, 0, true}, {3, 2, false},
-                                 {77, 5, true}, {1, 1, true},   {1, 3, true}};
-  Batch batch = MakeBatch(seqs);
-  const int64_t c = 136, n = 16, k = 4, slots = 8, spare_slot = 7;
+  Batch batch = MakeBatch(BatchInvarianceSeqs());
   ScanOptions o;
   o.strided = true;
-  ScanProblem sp = MakeScan(c, n, slots, batch.tokens, o, rng);
-  ConvProblem cp = MakeConv(c, k, slots, batch.tokens, true, true, rng);
-  const std::vector<float> scan_initial = sp.state, conv_initial = cp.state;
-
-  SetCpuThreads(3);
-  ASSERT_TRUE(RunScan(sp, batch).ok());
-  ASSERT_TRUE(RunConv(cp, batch).ok());
-  SetCpuThreads(1);
-  const std::vector<float> scan_out = sp.out, scan_state = sp.state;
-  const std::vector<float> conv_out = cp.out, conv_state = cp.state;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const Seq& s = seqs[i];
-    // Alone, on the spare slot holding the same initial state.
-    sp.state = scan_initial;
-    cp.state = conv_initial;
-    std::copy_n(scan_initial.begin() + s.slot * sp.slot_floats(), sp.slot_floats(),
-                sp.state.begin() + spare_slot * sp.slot_floats());
-    std::copy_n(conv_initial.begin() + s.slot * cp.slot_floats(), cp.slot_floats(),
-                cp.state.begin() + spare_slot * cp.slot_floats());
-    Batch alone = MakeBatch({{s.len, static_cast<int>(spare_slot), s.init}});
-    ASSERT_TRUE(RunScan(sp, alone, batch.qsl[i]).ok());
-    ASSERT_TRUE(RunConv(cp, alone, batch.qsl[i]).ok());
-    const size_t row = static_cast<size_t>(batch.qsl[i] * c),
-                 count = static_cast<size_t>(s.len * c);
-    EXPECT_TRUE(BitwiseEqual(sp.out.data() + row, scan_out.data() + row, count))
-        << "scan out of sequence " << i;
-    EXPECT_TRUE(BitwiseEqual(sp.state.data() + spare_slot * sp.slot_floats(),
-                             scan_state.data() + s.slot * sp.slot_floats(), sp.slot_floats()))
-        << "scan state of sequence " << i;
-    EXPECT_TRUE(BitwiseEqual(cp.out.data() + row, conv_out.data() + row, count))
-        << "conv out of sequence " << i;
-    EXPECT_TRUE(BitwiseEqual(cp.state.data() + spare_slot * cp.slot_floats(),
-                             conv_state.data() + s.slot * cp.slot_floats(), cp.slot_floats()))
-        << "conv state of sequence " << i;
-  }
-  SetCpuThreads(0);
-  std::printf("[ batch invariance ] seed=%#x %zu sequences bitwise equal alone and in batch\n",
-              kSeed, seqs.size());
+  ScanProblem p = MakeScan(136, 16, 8, batch.tokens, o, rng);
+  ExpectSequenceAloneEqualsSequenceInBatch("scan", p, batch, /*spare_slot=*/7, &RunScan);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Golden: transformers' MambaMixer itself (slow path, f32, CPU), one sequence with a cache:
-// causal_conv1d_fn + mamba_selective_scan over a 5-token prefill, then causal_conv1d_update +
-// mamba_selective_state_update for 3 decode steps. Recorded by wrapping those functions: each
-// op's inputs as HF passed them (dt before its bias) and its outputs, and the states at the end
-// (HF's conv window is K wide; ours is its last K - 1 columns).
+// Golden: the scan half of the recorded MambaMixer run (see ssm_test_util.h).
 namespace hf_golden {
-// transformers 5.24.0, torch 2.15.0+cu132: hidden 8, d_inner C = 8, d_state N = 16, K = 4, dt_rank
-// 2, seed 1234.
-constexpr float kConvX[] = {  // [8, 8]
-    -1.46765518f,  0.367480934f,   -0.0829232782f, 0.777502656f,  -1.5557574f,    2.29854107f,
-    1.08004761f,   -0.787539601f,  0.223580137f,   -0.714081824f, -1.79840624f,   0.0674028918f,
-    0.976973414f,  0.372771055f,   -0.421159983f,  1.1608212f,    -0.359838307f,  0.635807514f,
-    -0.154667765f, 0.0130157862f,  -0.242360026f,  0.214757562f,  0.0720646232f,  0.578366399f,
-    -0.312096566f, 0.347708344f,   0.512879014f,   -0.22766301f,  -0.0805126652f, -0.139094427f,
-    -0.165092617f, -0.41105178f,   0.109344475f,   0.828999281f,  0.453935921f,   -0.107164435f,
-    0.0873888806f, 0.565297365f,   1.50228393f,    1.70714438f,   0.595395088f,   0.0732851475f,
-    0.984956384f,  -0.0860062689f, -0.48005107f,   0.675158143f,  0.59420836f,    -0.282915801f,
-    0.104637548f,  -0.113593668f,  -1.24502337f,   0.0398193598f, 0.68670541f,    -0.61516118f,
-    0.26083684f,   1.44177401f,    1.12096596f,    -0.264370143f, 1.67294705f,    1.27115524f,
-    -1.05449438f,  1.86429453f,    0.0811134875f,  0.202925801f};
-constexpr float kConvW[] = {  // [8, 4]
-    -1.04025149f,  0.473695815f,   -0.485872239f, -0.1334185f,   -0.443907082f,  0.284622192f,
-    0.281882048f,  0.050100565f,   -0.432961702f, 0.0240236968f, -0.337511152f,  -0.224801555f,
-    -0.313791424f, -0.0182031617f, 0.0788210928f, 0.25145641f,   -0.370916307f,  0.233630762f,
-    0.315795213f,  0.717651069f,   0.194636956f,  -0.512292624f, -0.0915519446f, 0.30335623f,
-    0.882664502f,  -0.0216782093f, -0.261728048f, -0.181306764f, 0.411878824f,   0.444413871f,
-    -0.866336703f, 0.353610188f};
-constexpr float kConvB[] = {  // [8]
-    -0.209296182f, -0.258026659f, -0.196059942f, -0.113878332f,
-    -0.307872802f, -0.133923009f, 0.119816892f,  -0.237812713f};
-constexpr float kConvOut[] = {  // [8, 8]
-    -0.0066964617f, -0.105522208f,  -0.0808605626f, 0.0424797721f,  -0.276295781f, 0.358984858f,
-    -0.0365580991f, -0.192949176f,  0.292116404f,   -0.0860897601f, 0.131990582f,  -0.0175052937f,
-    -0.0466223545f, -0.102325335f,  -0.0413818359f, 0.599827886f,   -0.266234159f, -0.135596424f,
-    0.270275325f,   -0.0561602488f, -0.198031142f,  -0.278464139f,  0.106121384f,  -0.277200252f,
-    1.37336457f,    -0.168818712f,  -0.115582429f,  -0.165140808f,  0.214165106f,  0.0312355924f,
-    0.818920553f,   -0.23097077f,   -0.182206586f,  0.225308746f,   0.174744204f,  -0.081986472f,
-    -0.230407268f,  0.00645824894f, -0.184192911f,  1.18184972f,    -0.054364156f, -0.0916115716f,
-    -0.186518088f,  -0.0667787045f, -0.202104017f,  0.0704589933f,  -0.132523611f, -0.258256912f,
-    -0.0634210482f, -0.074226208f,  -0.177947417f,  -0.0182806402f, 0.0435594544f, -0.232095048f,
-    -0.113671042f,  0.831497431f,   -0.106203318f,  -0.223028034f,  -0.136257842f, 0.136868492f,
-    -0.268378645f,  0.14184922f,    1.07204819f,    -0.253003269f};
-constexpr float kConvStateAfter[] = {  // [8, 3]
-    0.595395088f, 0.104637548f, 1.12096596f,   0.0732851475f,  -0.113593668f, -0.264370143f,
-    0.984956384f, -1.24502337f, 1.67294705f,   -0.0860062689f, 0.0398193598f, 1.27115524f,
-    -0.48005107f, 0.68670541f,  -1.05449438f,  0.675158143f,   -0.61516118f,  1.86429453f,
-    0.59420836f,  0.26083684f,  0.0811134875f, -0.282915801f,  1.44177401f,   0.202925801f};
 constexpr float kA[] = {  // [8, 16]
     -2.10874605f,  -1.66958296f, -2.13966632f,  -2.96242666f, -4.66460991f,  -5.604671f,
     -6.55482388f,  -7.97200727f, -9.97924328f,  -15.6004076f, -8.95349121f,  -10.0438967f,
@@ -822,245 +397,106 @@ constexpr float kSsmStateAfter[] = {  // [8, 16]
     0.00845142733f,   4.1243693e-05f,   0.00203805394f};
 }  // namespace hf_golden
 
-TEST(SsmHfGoldenTest, MatchesTransformersMambaMixer) {
-  using namespace hf_golden;  // NOLINT(build/namespaces)
-  constexpr int64_t kCh = 8, kN = 16, kK = 4, kPrefill = 5, kSteps = 3, kSlot = 1;
-  const auto f32 = [](const float* p, std::initializer_list<int64_t> shape) {
-    return Tensor(const_cast<float*>(p), DType::kF32, shape);
-  };
-  std::vector<float> conv_state(2 * kCh * (kK - 1), kNaN), ssm_state(2 * kCh * kN, kNaN);
-  std::vector<float> conv_out((kPrefill + kSteps) * kCh), y(conv_out.size());
-  for (int64_t call = 0, row = 0; call <= kSteps; ++call) {
-    const int64_t n = call == 0 ? kPrefill : 1;
-    Batch b = MakeBatch({{static_cast<int>(n), static_cast<int>(kSlot), call > 0}});
-    CausalConv1dArgs ca;
-    ca.x = f32(kConvX, {kPrefill + kSteps, kCh}).Slice0(row, row + n);
-    ca.weight = f32(kConvW, {kCh, kK});
-    ca.bias = f32(kConvB, {kCh});
-    ca.seqs = b.Tensors();
-    ca.conv_state = Tensor(conv_state.data(), DType::kF32, {2, kCh, kK - 1});
-    ca.out = Tensor(conv_out.data() + row * kCh, DType::kF32, {n, kCh});
-    ASSERT_TRUE(CausalConv1d(ca).ok());
-    SelectiveScanArgs sa;
-    sa.x = f32(kU, {kPrefill + kSteps, kCh}).Slice0(row, row + n);
-    sa.dt = f32(kDt, {kPrefill + kSteps, kCh}).Slice0(row, row + n);
-    sa.dt_bias = f32(kDtBias, {kCh});
-    sa.A = f32(kA, {kCh, kN});
-    sa.B = f32(kB, {kPrefill + kSteps, kN}).Slice0(row, row + n);
-    sa.C = f32(kC, {kPrefill + kSteps, kN}).Slice0(row, row + n);
-    sa.D = f32(kD, {kCh});
-    sa.z = f32(kZ, {kPrefill + kSteps, kCh}).Slice0(row, row + n);
-    sa.seqs = b.Tensors();
-    sa.ssm_state = Tensor(ssm_state.data(), DType::kF32, {2, kCh, kN});
-    sa.out = Tensor(y.data() + row * kCh, DType::kF32, {n, kCh});
-    ASSERT_TRUE(SelectiveScan(sa).ok());
-    row += n;
-  }
-  const auto want = [](const float* p, size_t n) { return std::vector<double>(p, p + n); };
-  EXPECT_TRUE(AllClose("HF conv out", conv_out, want(kConvOut, conv_out.size()), 1e-6, 1e-5));
-  EXPECT_TRUE(AllClose("HF scan out", y, want(kY, y.size()), 1e-6, 1e-5));
-  const size_t cs = kCh * (kK - 1), ss = kCh * kN;
-  EXPECT_TRUE(AllClose("HF conv state", conv_state.data() + kSlot * cs,
-                       want(kConvStateAfter, cs).data(), cs, 0.0, 0.0));
+TEST(SelectiveScanTest, MatchesTransformersMambaMixer) {
+  using namespace hf_golden;                  // NOLINT(build/namespaces): the arrays
+  using namespace ssm_testing::hf_recording;  // NOLINT(build/namespaces): the run
+  constexpr int64_t kN = 16;
+  std::vector<float> ssm_state(kSlots * kChannels * kN, kNaN);
+  std::vector<float> y(kTokens * kChannels);
+  const absl::Status st = ForEachRecordedCall([&](Batch& b, int64_t row, int64_t n) {
+    SelectiveScanArgs a;
+    a.x = Recorded(kU, {kTokens, kChannels}).Slice0(row, row + n);
+    a.dt = Recorded(kDt, {kTokens, kChannels}).Slice0(row, row + n);
+    a.dt_bias = Recorded(kDtBias, {kChannels});
+    a.A = Recorded(kA, {kChannels, kN});
+    a.B = Recorded(kB, {kTokens, kN}).Slice0(row, row + n);
+    a.C = Recorded(kC, {kTokens, kN}).Slice0(row, row + n);
+    a.D = Recorded(kD, {kChannels});
+    a.z = Recorded(kZ, {kTokens, kChannels}).Slice0(row, row + n);
+    a.seqs = b.Tensors();
+    a.ssm_state = Tensor(ssm_state.data(), DType::kF32, {kSlots, kChannels, kN});
+    a.out = Tensor(y.data() + row * kChannels, DType::kF32, {n, kChannels});
+    return SelectiveScan(a);
+  });
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_TRUE(AllClose("HF scan out", y, Want(kY, y.size()), 1e-6, 1e-5));
+  const size_t ss = kChannels * kN;
   EXPECT_TRUE(AllClose("HF ssm state", ssm_state.data() + kSlot * ss,
-                       want(kSsmStateAfter, ss).data(), ss, 1e-6, 1e-5));
+                       Want(kSsmStateAfter, ss).data(), ss, 1e-6, 1e-5));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Argument errors: InvalidArgument, and nothing written.
 
-// A small valid conv + scan setup whose arguments each case breaks one way.
-struct BadArgsFixture {
-  BadArgsFixture() : rng(kSeed + 11) {
-    batch = MakeBatch({{3, 1, true}, {2, 0, false}});
-    conv = MakeConv(16, 4, 2, batch.tokens, false, true, rng);
-    scan = MakeScan(16, 16, 2, batch.tokens, {}, rng);
-  }
-  CausalConv1dArgs ConvArgs() {
-    CausalConv1dArgs a;
-    a.x = conv.x.View();
-    a.weight = Tensor(conv.weight.data(), DType::kF32, {16, 4});
-    a.bias = Tensor(conv.bias.data(), DType::kF32, {16});
-    a.seqs = batch.Tensors();
-    a.conv_state = Tensor(conv.state.data(), DType::kF32, {2, 16, 3});
-    a.out = Tensor(conv.out.data(), DType::kF32, {batch.tokens, 16});
-    return a;
-  }
-  SelectiveScanArgs ScanArgs() {
+struct ScanArgsFixture : ArgsFixture<ScanProblem> {
+  ScanArgsFixture() { p = MakeScan(16, 16, 2, batch.tokens, {}, rng); }
+  SelectiveScanArgs Args() {
     SelectiveScanArgs a;
-    a.x = scan.x.View();
-    a.dt = scan.dt.View();
-    a.dt_bias = Tensor(scan.dt_bias.data(), DType::kF32, {16});
-    a.A = Tensor(scan.a.data(), DType::kF32, {16, 16});
-    a.B = scan.b.View();
-    a.C = scan.cm.View();
-    a.D = Tensor(scan.d.data(), DType::kF32, {16});
-    a.z = scan.z.View();
+    a.x = p.x.View();
+    a.dt = p.dt.View();
+    a.dt_bias = Tensor(p.dt_bias.data(), DType::kF32, {16});
+    a.A = Tensor(p.a.data(), DType::kF32, {16, 16});
+    a.B = p.b.View();
+    a.C = p.cm.View();
+    a.D = Tensor(p.d.data(), DType::kF32, {16});
+    a.z = p.z.View();
     a.seqs = batch.Tensors();
-    a.ssm_state = Tensor(scan.state.data(), DType::kF32, {2, 16, 16});
-    a.out = Tensor(scan.out.data(), DType::kF32, {batch.tokens, 16});
+    a.ssm_state = Tensor(p.state.data(), DType::kF32, {2, 16, 16});
+    a.out = Tensor(p.out.data(), DType::kF32, {batch.tokens, 16});
     return a;
   }
-  std::mt19937 rng;
-  std::vector<float> big = std::vector<float>(16 * 300, 0.0f);  // room for strided pools
-  Batch batch;
-  ConvProblem conv;
-  ScanProblem scan;
 };
 
-// A way to break the index tensors, applied to both ops.
-struct SeqBreak {
-  const char* name;
-  void (*apply)(Batch&);
-};
+// SelectiveScan on the default (cpu) stream, as a plain function of its arguments.
+absl::Status RunScanArgs(SelectiveScanArgs& a) { return SelectiveScan(a); }
 
-const SeqBreak kSeqBreaks[] = {
-    {"slot out of range", [](Batch& b) { b.slots[0] = 2; }},
-    {"negative slot", [](Batch& b) { b.slots[1] = -1; }},
-    {"duplicate slots", [](Batch& b) { b.slots[1] = b.slots[0]; }},
-    {"qsl not monotonic",
-     [](Batch& b) {
-       b.qsl = {0, 6, 5};
-     }},
-    {"qsl does not start at 0",
-     [](Batch& b) {
-       b.qsl = {1, 3, 5};
-     }},
-    {"qsl ends before T",
-     [](Batch& b) {
-       b.qsl = {0, 3, 4};
-     }},
-    {"has_initial_state not 0/1", [](Batch& b) { b.init[0] = 2; }},
-};
-
-TEST(SsmArgumentsTest, BadSequencesAreInvalidArgument) {
-  for (const SeqBreak& brk : kSeqBreaks) {
-    BadArgsFixture f;
-    brk.apply(f.batch);
-    const std::vector<float> conv_state = f.conv.state, scan_state = f.scan.state;
-    CausalConv1dArgs ca = f.ConvArgs();
-    SelectiveScanArgs sa = f.ScanArgs();
-    const absl::Status cs = CausalConv1d(ca), ss = SelectiveScan(sa);
-    EXPECT_EQ(cs.code(), absl::StatusCode::kInvalidArgument) << brk.name << ": " << cs;
-    EXPECT_EQ(ss.code(), absl::StatusCode::kInvalidArgument) << brk.name << ": " << ss;
-    std::printf("[ %-28s ] %s\n", brk.name, ss.ToString().c_str());
-    EXPECT_TRUE(BitwiseEqual(conv_state.data(), f.conv.state.data(), conv_state.size()));
-    EXPECT_TRUE(BitwiseEqual(scan_state.data(), f.scan.state.data(), scan_state.size()));
-    EXPECT_TRUE(
-        std::all_of(f.conv.out.begin(), f.conv.out.end(), [](float v) { return std::isnan(v); }));
-    EXPECT_TRUE(
-        std::all_of(f.scan.out.begin(), f.scan.out.end(), [](float v) { return std::isnan(v); }));
-  }
+TEST(SelectiveScanArgumentsTest, BadSequencesAreInvalidArgument) {
+  ExpectBadSequencesRejected<ScanArgsFixture>(&RunScanArgs);
 }
 
-TEST(SsmArgumentsTest, BadConvShapesAreInvalidArgument) {
-  const std::vector<std::pair<const char*, void (*)(CausalConv1dArgs&, BadArgsFixture&)>> cases = {
-      {"weight C mismatch",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.weight = Tensor(f.conv.weight.data(), DType::kF32, {8, 8});
-       }},
-      {"bias wrong length",
-       [](CausalConv1dArgs& a, BadArgsFixture&) { a.bias = a.bias.Narrow(0, 0, 15); }},
-      {"conv_state wrong K",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.conv_state = Tensor(f.conv.state.data(), DType::kF32, {2, 16, 2});
-       }},
-      {"conv_state wrong C",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.conv_state = Tensor(f.conv.state.data(), DType::kF32, {1, 32, 3});
-       }},
-      {"conv_state strided",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.conv_state = Tensor(f.big.data(), DType::kF32, {2, 32, 3}).Narrow(1, 0, 16);
-       }},
-      {"out wrong T",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.out = Tensor(f.conv.out.data(), DType::kF32, {4, 16});
-       }},
-      {"x rank 3",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.x = Tensor(f.conv.x.buf.data(), DType::kF32, {5, 4, 4});
-       }},
-      {"out aliases x",
-       [](CausalConv1dArgs& a, BadArgsFixture& f) {
-         a.out = Tensor(f.conv.x.buf.data(), DType::kF32, {5, 16});
-       }},
-      {"qsl wrong dtype",
-       [](CausalConv1dArgs& a, BadArgsFixture&) {
-         a.seqs.query_start_loc = Tensor(a.seqs.query_start_loc.data(), DType::kF32, {3});
-       }},
-      {"slots wrong B",
-       [](CausalConv1dArgs& a, BadArgsFixture&) {
-         a.seqs.state_slots = a.seqs.state_slots.Narrow(0, 0, 1);
-       }},
-  };
-  for (const auto& [name, apply] : cases) {
-    BadArgsFixture g;
-    const std::vector<float> state = g.conv.state;
-    CausalConv1dArgs a = g.ConvArgs();
-    apply(a, g);
-    const absl::Status st = CausalConv1d(a);
-    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << name << ": " << st;
-    std::printf("[ %-28s ] %s\n", name, st.ToString().c_str());
-    EXPECT_TRUE(BitwiseEqual(state.data(), g.conv.state.data(), state.size())) << name;
-  }
-}
-
-TEST(SsmArgumentsTest, BadScanShapesAreInvalidArgument) {
-  const std::vector<std::pair<const char*, void (*)(SelectiveScanArgs&, BadArgsFixture&)>> cases = {
+TEST(SelectiveScanArgumentsTest, BadShapesAreInvalidArgument) {
+  const ArgBreaks<ScanArgsFixture, SelectiveScanArgs> breaks = {
       {"A wrong C",
-       [](SelectiveScanArgs& a, BadArgsFixture& f) {
-         a.A = Tensor(f.scan.a.data(), DType::kF32, {8, 16});
+       [](SelectiveScanArgs& a, ScanArgsFixture& f) {
+         a.A = Tensor(f.p.a.data(), DType::kF32, {8, 16});
        }},
-      {"B wrong N", [](SelectiveScanArgs& a, BadArgsFixture&) { a.B = a.B.Narrow(1, 0, 15); }},
-      {"C wrong T", [](SelectiveScanArgs& a, BadArgsFixture&) { a.C = a.C.Slice0(0, 4); }},
-      {"dt wrong C", [](SelectiveScanArgs& a, BadArgsFixture&) { a.dt = a.dt.Narrow(1, 0, 8); }},
-      {"z wrong C", [](SelectiveScanArgs& a, BadArgsFixture&) { a.z = a.z.Narrow(1, 0, 8); }},
-      {"D wrong length", [](SelectiveScanArgs& a, BadArgsFixture&) { a.D = a.D.Narrow(0, 0, 3); }},
+      {"B wrong N", [](SelectiveScanArgs& a, ScanArgsFixture&) { a.B = a.B.Narrow(1, 0, 15); }},
+      {"C wrong T", [](SelectiveScanArgs& a, ScanArgsFixture&) { a.C = a.C.Slice0(0, 4); }},
+      {"dt wrong C", [](SelectiveScanArgs& a, ScanArgsFixture&) { a.dt = a.dt.Narrow(1, 0, 8); }},
+      {"z wrong C", [](SelectiveScanArgs& a, ScanArgsFixture&) { a.z = a.z.Narrow(1, 0, 8); }},
+      {"D wrong length", [](SelectiveScanArgs& a, ScanArgsFixture&) { a.D = a.D.Narrow(0, 0, 3); }},
       {"dt_bias i32",
-       [](SelectiveScanArgs& a, BadArgsFixture&) {
+       [](SelectiveScanArgs& a, ScanArgsFixture&) {
          a.dt_bias = Tensor(a.dt_bias.data(), DType::kI32, {16});
        }},
       {"ssm_state wrong N",
-       [](SelectiveScanArgs& a, BadArgsFixture& f) {
-         a.ssm_state = Tensor(f.scan.state.data(), DType::kF32, {4, 16, 8});
+       [](SelectiveScanArgs& a, ScanArgsFixture& f) {
+         a.ssm_state = Tensor(f.p.state.data(), DType::kF32, {4, 16, 8});
        }},
       {"N above the CPU limit",
-       [](SelectiveScanArgs& a, BadArgsFixture& f) {
+       [](SelectiveScanArgs& a, ScanArgsFixture& f) {
          a.A = Tensor(f.big.data(), DType::kF32, {16, 300});
        }},
       {"ssm_state strided",
-       [](SelectiveScanArgs& a, BadArgsFixture& f) {
+       [](SelectiveScanArgs& a, ScanArgsFixture& f) {
          a.ssm_state = Tensor(f.big.data(), DType::kF32, {2, 32, 16}).Narrow(1, 0, 16);
        }},
       {"out aliases ssm_state",
-       [](SelectiveScanArgs& a, BadArgsFixture& f) {
-         a.out = Tensor(f.scan.state.data(), DType::kF32, {5, 16});
+       [](SelectiveScanArgs& a, ScanArgsFixture& f) {
+         a.out = Tensor(f.p.state.data(), DType::kF32, {5, 16});
        }},
   };
-  for (const auto& [name, apply] : cases) {
-    BadArgsFixture g;
-    const std::vector<float> state = g.scan.state;
-    SelectiveScanArgs a = g.ScanArgs();
-    apply(a, g);
-    const absl::Status st = SelectiveScan(a);
-    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << name << ": " << st;
-    std::printf("[ %-28s ] %s\n", name, st.ToString().c_str());
-    EXPECT_TRUE(BitwiseEqual(state.data(), g.scan.state.data(), state.size())) << name;
-  }
+  ExpectEachBreakRejected(breaks, &RunScanArgs);
 }
 
 // An empty batch (B = 0, T = 0) is a no-op.
-TEST(SsmArgumentsTest, EmptyBatchIsOk) {
+TEST(SelectiveScanArgumentsTest, EmptyBatchIsOk) {
   std::mt19937 rng(kSeed + 12);
   Batch b = MakeBatch({});
-  ConvProblem cp = MakeConv(16, 4, 2, 0, false, true, rng);
-  ScanProblem sp = MakeScan(16, 16, 2, 0, {}, rng);
-  const std::vector<float> cs = cp.state, ss = sp.state;
-  EXPECT_TRUE(RunConv(cp, b).ok());
-  EXPECT_TRUE(RunScan(sp, b).ok());
-  EXPECT_TRUE(BitwiseEqual(cs.data(), cp.state.data(), cs.size()));
-  EXPECT_TRUE(BitwiseEqual(ss.data(), sp.state.data(), ss.size()));
+  ScanProblem p = MakeScan(16, 16, 2, 0, {}, rng);
+  const std::vector<float> state = p.state;
+  EXPECT_TRUE(RunScan(p, b).ok());
+  EXPECT_TRUE(BitwiseEqual(state.data(), p.state.data(), state.size()));
 }
 
 }  // namespace
