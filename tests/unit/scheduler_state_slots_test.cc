@@ -60,14 +60,15 @@ TEST_F(StateSlotsTest, PdSlotsTravelAndReturn) {
   core_->Submit(kFe, MakeSubmit(2, Iota(9), 4), 0);
   core_->Schedule(0);
   Sent placed = Take();
-  ASSERT_EQ(placed.adds(p).size(), 2u);
-  ASSERT_EQ(placed.expects(d).size(), 2u);
+  const std::vector<v1::AddRequest> adds = placed.adds(p);
+  const std::vector<v1::ExpectKv> expects = placed.expects(d);
+  ASSERT_EQ(adds.size(), 2u);
+  ASSERT_EQ(expects.size(), 2u);
   std::set<int> p_slots, d_slots;
   for (size_t i = 0; i < 2; ++i) {
-    const v1::AddRequest& add = placed.adds(p)[i];
-    p_slots.insert(add.state_slot());
-    d_slots.insert(add.kv_target().state_slot());
-    EXPECT_EQ(placed.expects(d)[i].state_slot(), add.kv_target().state_slot());
+    p_slots.insert(adds[i].state_slot());
+    d_slots.insert(adds[i].kv_target().state_slot());
+    EXPECT_EQ(expects[i].state_slot(), adds[i].kv_target().state_slot());
   }
   EXPECT_EQ(p_slots, (std::set<int>{0, 1}));
   EXPECT_EQ(d_slots, (std::set<int>{0, 1}));
@@ -81,7 +82,7 @@ TEST_F(StateSlotsTest, PdSlotsTravelAndReturn) {
 
   // Request 1 through prefill and hand-off: its prefill slot comes back, its decode slot is in
   // the decode AddRequest.
-  const v1::AddRequest first = placed.adds(p)[0];
+  const v1::AddRequest first = adds[0];
   const uint64_t id = first.request_id();
   core_->OnWorkerMessage(p, TokenMsg(id, 0, 7), 0);
   core_->OnWorkerMessage(p, KvSentMsg(id, 0), 0);
@@ -100,7 +101,7 @@ TEST_F(StateSlotsTest, PdSlotsTravelAndReturn) {
 
   // Finish request 1 on decode, fail request 2 on prefill, fail request 3: every slot returns.
   core_->OnWorkerMessage(d, TokenMsg(id, 0, 8, /*finished=*/true), 0);
-  core_->OnWorkerMessage(p, FailureMsg(placed.adds(p)[1].request_id(), 0, "boom"), 0);
+  core_->OnWorkerMessage(p, FailureMsg(adds[1].request_id(), 0, "boom"), 0);
   core_->OnWorkerMessage(p, FailureMsg(third.adds(p)[0].request_id(), 0, "boom"), 0);
   // Failures may re-run the request (nothing was streamed); drain until nothing is placed.
   for (int round = 0; round < 8; ++round) {
