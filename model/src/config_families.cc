@@ -148,6 +148,7 @@ absl::Status ParseMambaModel(const Fields& f, ModelConfig& c) {
   CLEAVE_ASSIGN_OR_RETURN(c.tie_word_embeddings, f.OptionalBool("tie_word_embeddings", true));
   CLEAVE_RETURN_IF_ERROR(ParseMambaMixer(f, c, "state_size", "conv_kernel", "expand",
                                          "time_step_rank", "use_conv_bias", "use_bias"));
+  c.intermediate_size = c.mamba.d_inner;  // as MambaConfig sets it
   c.use_rope = false;
   c.layer_mixer.assign(c.num_hidden_layers, MixerKind::kMamba);
   c.layer_ffn.assign(c.num_hidden_layers, FfnKind::kNone);

@@ -177,7 +177,8 @@ void DecoderModel::Reserve(Workspace& ws, int t) const {
     Grow(ws.scan_out, n * m.d_inner);
   }
   // The widest dense SwiGLU any layer runs: the dense MLP or Qwen2-MoE's shared expert.
-  const size_t f = std::max(c.intermediate_size, c.moe.shared_expert_intermediate_size);
+  const bool dense = std::find(c.layer_ffn.begin(), c.layer_ffn.end(), FfnKind::kDense) != c.layer_ffn.end();
+  const size_t f = std::max(dense ? c.intermediate_size : 0, c.moe.shared_expert_intermediate_size);
   Grow(ws.gate_up, n * 2 * f);
   Grow(ws.act, n * f);
   if (c.moe.num_experts > 0) {
