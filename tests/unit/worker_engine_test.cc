@@ -177,6 +177,28 @@ TEST_F(EngineTest, StallsWithoutBlocksUntilAppended) {
   EXPECT_EQ(got, Offline(prompt, 30));
 }
 
+// The decode worker accepts a transfer into reused blocks / state slots only after the engine has
+// applied earlier removes: WaitForDeltas returns once they are.
+TEST_F(EngineTest, WaitForDeltasReturnsOnceRemovesAreApplied) {
+  auto cache = model::KvCache::Create(model_->config(), 16, kBs, kernels::CpuBackend());
+  ASSERT_TRUE(cache.ok());
+  Engine engine(*model_, **cache, EngineOptions{}, nullptr, [](v1::WorkerMessage) {});
+  std::thread run([&] { engine.Run(); });
+  engine.WaitForDeltas();  // nothing posted: returns at once
+  engine.Post(Add(1, Prompt(10, 9), 10, 0, {4}, 30));  // stalls at 16 tokens: stays running
+  engine.WaitForDeltas();
+  EXPECT_EQ(engine.num_requests(), 1);
+  v1::SchedulerMessage remove;
+  remove.mutable_remove()->set_request_id(1);
+  remove.mutable_remove()->set_attempt(1);
+  engine.Post(remove);
+  engine.WaitForDeltas();
+  EXPECT_EQ(engine.num_requests(), 0);
+  engine.Stop();
+  run.join();
+  engine.WaitForDeltas();  // stopped: never blocks
+}
+
 TEST_F(EngineTest, BadPlanFailsTheRequestNotTheProcess) {
   auto cache = model::KvCache::Create(model_->config(), 8, kBs, kernels::CpuBackend());
   std::vector<std::string> failures;
