@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   libopenblas-dev libpcre2-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc   # control plane, gRPC API
   libboost-dev libboost-system-dev libyaml-cpp-dev                         # Beast HTTP, configs
+  prometheus                                                               # promtool for metrics_test (systemd hosts also get its :9090 service)
   curl python3 python3-venv                                                # e2e / integration tests
 )
 missing=()
