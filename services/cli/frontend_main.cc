@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
+#include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/grpc_api.h"
 #include "cleave/frontend/http_server.h"
 #include "cleave/frontend/scheduler_client.h"
@@ -16,6 +17,10 @@ absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
 
   std::unique_ptr<frontend::SchedulerClient> engine = frontend::SchedulerClient::Create(o.scheduler);
   frontend::FrontendContext ctx = (*model)->MakeContext(engine.get());
+  // Declared before the servers: they record into it until they stop.
+  absl::StatusOr<std::unique_ptr<frontend::FrontendMetrics>> metrics = frontend::FrontendMetrics::Create();
+  if (!metrics.ok()) return metrics.status();
+  ctx.metrics = metrics->get();
 
   frontend::HttpServerOptions hopts;
   hopts.host = http->first;

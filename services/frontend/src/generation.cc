@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/status.h"
+#include "cleave/frontend/frontend_metrics.h"
 
 namespace cleave::frontend {
 namespace {
@@ -67,7 +68,41 @@ GenerationStream::GenerationStream(Private, const FrontendContext& ctx,
       detok_(*ctx.tokenizer, prepared.prompt_ids, params.skip_special_tokens),
       stop_(params.stop),
       stop_ids_(StopIds(ctx, params)),
-      last_id_(prepared.prompt_ids.empty() ? -1 : prepared.prompt_ids.back()) {}
+      last_id_(prepared.prompt_ids.empty() ? -1 : prepared.prompt_ids.back()),
+      start_(std::chrono::steady_clock::now()) {
+  if (ctx_.metrics != nullptr) {
+    ctx_.metrics->in_flight().Inc();
+    ctx_.metrics->max_tokens_param().Observe(prepared.max_tokens);
+  }
+}
+
+void GenerationStream::RecordTokens(size_t n) {
+  if (ctx_.metrics == nullptr || n == 0) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (!first_token_seen_) {
+    first_token_seen_ = true;
+    ctx_.metrics->time_to_first_token().Observe(std::chrono::duration<double>(now - start_).count());
+  } else {
+    // Tokens that arrive in one event share the gap since the previous one.
+    const double gap = std::chrono::duration<double>(now - last_token_).count() / static_cast<double>(n);
+    for (size_t i = 0; i < n; ++i) ctx_.metrics->inter_token_latency().Observe(gap);
+  }
+  last_token_ = now;
+}
+
+void GenerationStream::RecordEnd(const GenerationUpdate& u) {
+  if (ctx_.metrics == nullptr) return;
+  FrontendMetrics& m = *ctx_.metrics;
+  m.in_flight().Dec();
+  if (!u.status.ok()) {
+    m.CountEnd(EndReason::kError);
+    return;
+  }
+  m.e2e_latency().Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  m.prompt_tokens().Inc(static_cast<uint64_t>(prompt_tokens_));
+  m.generation_tokens().Inc(static_cast<uint64_t>(completion_tokens_));
+  m.CountEnd(u.finish == FinishReason::kLength ? EndReason::kLength : EndReason::kStop);
+}
 
 std::shared_ptr<GenerationStream> GenerationStream::Start(const FrontendContext& ctx,
                                                           const GenerationParams& params,
@@ -96,6 +131,10 @@ void GenerationStream::Cancel() {
     std::lock_guard<std::mutex> lock(mu_);
     if (done_) return;
     done_ = true;
+    if (ctx_.metrics != nullptr) {
+      ctx_.metrics->in_flight().Dec();
+      ctx_.metrics->CountEnd(EndReason::kCancelled);
+    }
     if (!submitted_) return;  // unreachable: Start returns only after Submit
     id = engine_id_;
   }
@@ -196,10 +235,12 @@ void GenerationStream::OnEvent(const EngineEvent& event) {
         return;  // "accepted" or an empty batch: nothing for the client
       }
     }
+    RecordTokens(u.tokens.size());
     const bool last = !u.status.ok() || u.finish != FinishReason::kNone;
     if (last) {
       done_ = true;
       u.usage = {prompt_tokens_, completion_tokens_};
+      RecordEnd(u);
     }
     sink_(std::move(u));
     if (cancel_finished) {

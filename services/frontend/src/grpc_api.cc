@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/generation.h"
 #include "cleave/v1/generate.grpc.pb.h"
 
@@ -54,11 +55,12 @@ GenerationParams FromProto(const v1::GenerateRequest& r) {
 // the engine request.
 class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(FrontendContext& ctx, const v1::GenerateRequest& request) {
+  GenerateReactor(FrontendContext& ctx, const v1::GenerateRequest& request) : metrics_(ctx.metrics) {
     GenerationParams params = FromProto(request);
     absl::StatusOr<PreparedRequest> prepared = PrepareRequest(ctx, params);
     if (!prepared.ok()) {
-      Finish(ToGrpc(prepared.status()));
+      std::lock_guard lock(mu_);
+      FinishLocked(ToGrpc(prepared.status()));
       return;
     }
     request_id_ = absl::StrCat("gen-", reinterpret_cast<uintptr_t>(this), "-", prepared->prompt_ids.size());
@@ -98,6 +100,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     if (stream) stream->Cancel();
     std::lock_guard lock(mu_);
+    if (metrics_ != nullptr && !finished_) metrics_->client_disconnects().Inc();
     if (!writing_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
     cancelled_ = true;
   }
@@ -166,9 +169,11 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   void FinishLocked(const grpc::Status& status) {
     if (finished_) return;
     finished_ = true;
+    if (metrics_ != nullptr) metrics_->CountGrpc("Generate", status.error_code());
     Finish(status);
   }
 
+  FrontendMetrics* const metrics_;
   std::mutex mu_;
   std::shared_ptr<GenerationStream> stream_;
   std::deque<v1::GenerateResponse> queue_;
@@ -186,6 +191,11 @@ class GenerationService final : public v1::Generation::CallbackService {
  public:
   explicit GenerationService(FrontendContext& ctx) : ctx_(ctx) {}
 
+  void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, const grpc::Status& status) {
+    if (ctx_.metrics != nullptr) ctx_.metrics->CountGrpc(method, status.error_code());
+    reactor->Finish(status);
+  }
+
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext*,
                                                             const v1::GenerateRequest* request) override {
     return new GenerateReactor(ctx_, *request);
@@ -195,18 +205,18 @@ class GenerationService final : public v1::Generation::CallbackService {
                                      v1::TokenizeResponse* reply) override {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     if (absl::Status s = CheckModel(request->model()); !s.ok()) {
-      reactor->Finish(ToGrpc(s));
+      FinishUnary(reactor, "Tokenize", ToGrpc(s));
       return reactor;
     }
     absl::StatusOr<std::vector<int32_t>> ids = ctx_.tokenizer->Encode(request->text(), request->add_special_tokens());
     if (!ids.ok()) {
-      reactor->Finish(ToGrpc(absl::InvalidArgumentError(ids.status().message())));
+      FinishUnary(reactor, "Tokenize", ToGrpc(absl::InvalidArgumentError(ids.status().message())));
       return reactor;
     }
     for (int32_t id : *ids) reply->add_tokens(id);
     reply->set_count(static_cast<int32_t>(ids->size()));
     reply->set_max_model_len(ctx_.model.max_model_len);
-    reactor->Finish(grpc::Status::OK);
+    FinishUnary(reactor, "Tokenize", grpc::Status::OK);
     return reactor;
   }
 
@@ -214,17 +224,17 @@ class GenerationService final : public v1::Generation::CallbackService {
                                        v1::DetokenizeResponse* reply) override {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     if (absl::Status s = CheckModel(request->model()); !s.ok()) {
-      reactor->Finish(ToGrpc(s));
+      FinishUnary(reactor, "Detokenize", ToGrpc(s));
       return reactor;
     }
     std::vector<int32_t> ids(request->tokens().begin(), request->tokens().end());
     absl::StatusOr<std::string> text = ctx_.tokenizer->Decode(ids, /*skip_special_tokens=*/false);
     if (!text.ok()) {
-      reactor->Finish(ToGrpc(absl::InvalidArgumentError(text.status().message())));
+      FinishUnary(reactor, "Detokenize", ToGrpc(absl::InvalidArgumentError(text.status().message())));
       return reactor;
     }
     reply->set_text(*text);
-    reactor->Finish(grpc::Status::OK);
+    FinishUnary(reactor, "Detokenize", grpc::Status::OK);
     return reactor;
   }
 
@@ -235,7 +245,7 @@ class GenerationService final : public v1::Generation::CallbackService {
     m->set_max_model_len(ctx_.model.max_model_len);
     m->set_vocab_size(ctx_.model.vocab_size);
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(grpc::Status::OK);
+    FinishUnary(reactor, "ListModels", grpc::Status::OK);
     return reactor;
   }
 

@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/generation.h"
 #include "cleave/frontend/http_protocol.h"
 #include "cleave/frontend/openai_api.h"
@@ -104,6 +105,7 @@ bool GenerateCall::Start(const std::string& body) {
   meta_.created = std::chrono::duration_cast<std::chrono::seconds>(
                       std::chrono::system_clock::now().time_since_epoch()).count();
   meta_.model = ctx_.model.id;
+  if (ctx_.metrics != nullptr) ctx_.metrics->n_param().Observe(static_cast<double>(params_[0].n));
   for (size_t p = 0; p < params_.size(); ++p) {
     for (int64_t i = 0; i < params_[p].n; ++i) {
       Choice c;
@@ -144,6 +146,7 @@ void GenerateCall::SendEvent(const nlohmann::json& j) {
 
 void GenerateCall::SendStreamHeaders() {
   headers_sent_ = true;
+  session_->CountStatus(200);
   session_->Write(std::string(session_->http10() ? kSseHeaders10 : kSseHeaders11));
   // Chat: every choice opens with the assistant role; completions with echo: the prompt.
   for (size_t i = 0; i < choices_.size(); ++i) {
@@ -245,6 +248,8 @@ void GenerateCall::Finish() {
 
 void GenerateCall::Cancel() {
   if (finished_) return;
+  // Only the session calls this, when its client went away mid-request.
+  if (ctx_.metrics != nullptr) ctx_.metrics->client_disconnects().Inc();
   for (Choice& c : choices_) {
     if (!c.done && c.stream != nullptr) c.stream->Cancel();
     c.done = true;

@@ -69,6 +69,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool http10() const { return http10_; }
   void Write(std::string bytes);
   void SendResponse(const SimpleResponse& response);
+  // Counts this request's response status under its endpoint (once per request).
+  void CountStatus(int status);
   // All bytes of the response are queued: once written, read the next request (or close).
   void EndResponse(bool close);
 
@@ -94,6 +96,7 @@ class Session : public std::enable_shared_from_this<Session> {
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::deque<std::string> out_;
+  std::string path_;  // the current request's path (a metrics label only through LabelValue)
   bool writing_ = false;
   bool watching_ = false;
   bool in_request_ = false;     // a request is being answered

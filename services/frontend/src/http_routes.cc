@@ -3,6 +3,8 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/common/metrics.h"
+#include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/chat_template.h"
 #include "cleave/frontend/http_protocol.h"
 #include "cleave/frontend/openai_api.h"
@@ -154,6 +156,12 @@ SimpleResponse HandleSimpleRoute(const FrontendContext& ctx, http::verb method,
   if (path == "/tokenize") return post ? Tokenize(ctx, body) : MethodNotAllowed("POST");
   if (path == "/detokenize") return post ? Detokenize(ctx, body) : MethodNotAllowed("POST");
   if (path == "/debug/kv") return get ? DebugKv(ctx) : MethodNotAllowed("GET");
+  if (path == "/metrics" && ctx.metrics != nullptr) {
+    if (!get) return MethodNotAllowed("GET");
+    SimpleResponse r = JsonResponse(200, ctx.metrics->Render());
+    r.content_type = std::string(metrics::kContentType);
+    return r;
+  }
   if (path == "/v1/completions" || path == "/v1/chat/completions") return MethodNotAllowed("POST");
   return ErrorResponse(404, absl::StrCat("Not found: ", std::string(path)));
 }

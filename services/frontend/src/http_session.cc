@@ -9,6 +9,8 @@
 #include "cleave/common/logging.h"
 #include "http_internal.h"
 
+#include "cleave/frontend/frontend_metrics.h"
+
 namespace cleave::frontend::http_internal {
 namespace {
 
@@ -44,6 +46,7 @@ void Session::ReadHeader() {
   if (closed_) return;
   in_request_ = false;
   response_done_ = false;
+  path_.clear();
   parser_.emplace();
   parser_->header_limit(static_cast<uint32_t>(server_.options.max_header_bytes));
   parser_->body_limit(server_.options.max_body_bytes);
@@ -74,6 +77,7 @@ void Session::OnHeader(beast::error_code ec) {
   if (ec) return Close();  // EOF between requests, timeout, reset
   in_request_ = true;
   const auto& req = parser_->get();
+  path_ = std::string(PathOf(std::string_view(req.target().data(), req.target().size())));
   http10_ = req.version() < 11;
   keep_alive_ = req.keep_alive();
   // Refuse an oversized body by its declared length, before reading any of it.
@@ -178,7 +182,12 @@ void Session::OnWrite(beast::error_code ec) {
   if (response_done_) Next();
 }
 
+void Session::CountStatus(int status) {
+  if (server_.ctx.metrics != nullptr) server_.ctx.metrics->CountHttp(path_, status);
+}
+
 void Session::SendResponse(const SimpleResponse& r) {
+  CountStatus(r.status);
   http::response<http::string_body> res{static_cast<http::status>(r.status), http10_ ? 10 : 11};
   res.set(http::field::server, "cleave");
   res.set(http::field::content_type, r.content_type);

@@ -16,6 +16,7 @@
 namespace cleave::frontend {
 
 class ChatTemplate;
+class FrontendMetrics;
 
 // The served model as clients see it (GET /v1/models, gRPC ListModels).
 struct ModelInfo {
@@ -36,6 +37,8 @@ struct FrontendContext {
   // Ids that end generation unless ignore_eos: config.json's eos_token_id (one or a list),
   // generation_config.json's, and the tokenizer's EOS. Sent to the engine as stop_token_ids.
   std::vector<int32_t> eos_token_ids;
+  // Where requests are counted and timed (GET /metrics); null = not recorded (tests).
+  FrontendMetrics* metrics = nullptr;
 };
 
 struct LoadFrontendModelOptions {

@@ -3,6 +3,8 @@
 // a sink. HTTP fans out n of these for n choices; gRPC runs one.
 #pragma once
 
+#include <chrono>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -126,6 +128,12 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   bool done_ = false;               // the last update went out, or Cancel
   bool pending_stop_cancel_ = false;  // a stop string matched before Submit returned
   int completion_tokens_ = 0;
+  // Timing for the frontend metrics (ctx_.metrics): submission, and the latest token.
+  std::chrono::steady_clock::time_point start_;
+  std::chrono::steady_clock::time_point last_token_;
+  bool first_token_seen_ = false;
+  void RecordTokens(size_t n);                 // under mu_
+  void RecordEnd(const GenerationUpdate& u);   // under mu_, once, with the last update
 };
 
 }  // namespace cleave::frontend
