@@ -18,6 +18,7 @@ using testing::KvSentMsg;
 using testing::MakeSubmit;
 using testing::Registration;
 using testing::Sent;
+using testing::StatsOf;
 using testing::TokenMsg;
 using testing::WorkerSpec;
 
@@ -25,13 +26,6 @@ constexpr FrontendId kFe = 3;
 
 std::vector<int32_t> Ids(const google::protobuf::RepeatedField<int32_t>& f) {
   return std::vector<int32_t>(f.begin(), f.end());
-}
-
-const v1::WorkerStats& StatsOf(const v1::StatsResponse& s, WorkerId w) {
-  for (const auto& ws : s.workers()) {
-    if (ws.worker_id() == w) return ws;
-  }
-  return v1::WorkerStats::default_instance();
 }
 
 class PdTest : public ::testing::Test {

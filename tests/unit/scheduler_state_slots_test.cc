@@ -20,17 +20,11 @@ using testing::KvSentMsg;
 using testing::MakeSubmit;
 using testing::Registration;
 using testing::Sent;
+using testing::StatsOf;
 using testing::TokenMsg;
 using testing::WorkerSpec;
 
 constexpr FrontendId kFe = 5;
-
-const v1::WorkerStats& StatsOf(const v1::StatsResponse& s, WorkerId w) {
-  for (const auto& ws : s.workers()) {
-    if (ws.worker_id() == w) return ws;
-  }
-  return v1::WorkerStats::default_instance();
-}
 
 class StateSlotsTest : public ::testing::Test {
  protected:

@@ -24,6 +24,14 @@ struct WorkerSpec {
   std::string name = "worker";
 };
 
+// One worker's entry in Stats() (an empty one when absent). The reference points into `s`.
+inline const v1::WorkerStats& StatsOf(const v1::StatsResponse& s, WorkerId w) {
+  for (const auto& ws : s.workers()) {
+    if (ws.worker_id() == w) return ws;
+  }
+  return v1::WorkerStats::default_instance();
+}
+
 inline v1::RegisterWorkerRequest Registration(const WorkerSpec& spec) {
   v1::RegisterWorkerRequest reg;
   reg.set_role(spec.role);
