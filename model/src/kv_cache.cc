@@ -16,10 +16,17 @@ size_t KvBytesPerBlock(const ModelConfig& config, int block_size) {
          sizeof(float);
 }
 
+size_t ConvStateBytes(const ModelConfig& config) {
+  return static_cast<size_t>(config.mamba.d_inner) * (config.mamba.d_conv - 1) * sizeof(float);
+}
+
+size_t SsmStateBytes(const ModelConfig& config) {
+  return static_cast<size_t>(config.mamba.d_inner) * config.mamba.d_state * sizeof(float);
+}
+
 size_t StateBytesPerSlot(const ModelConfig& config) {
-  const MambaConfig& m = config.mamba;
-  return static_cast<size_t>(config.num_layers_of(MixerKind::kMamba)) * m.d_inner *
-         (m.d_conv - 1 + m.d_state) * sizeof(float);
+  return static_cast<size_t>(config.num_layers_of(MixerKind::kMamba)) *
+         (ConvStateBytes(config) + SsmStateBytes(config));
 }
 
 namespace {

@@ -4,7 +4,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "cleave/model/decoder.h"
+#include "cleave/model/generator.h"
 #include "cleave/v1/control.pb.h"
+#include "gtest/gtest.h"
 
 namespace cleave::worker::testing_util {
 
@@ -26,6 +29,22 @@ inline v1::SchedulerMessage MakeAdd(uint64_t id, const std::vector<int32_t>& tok
   a->set_max_new_tokens(max_new);
   a->set_state_slot(state_slot);
   return m;
+}
+
+// Greedy tokens from offline generation (the reference every engine path must reproduce).
+inline std::vector<int32_t> OfflineGreedy(const model::DecoderModel& m, const std::vector<int32_t>& prompt,
+                                          int max_tokens) {
+  auto gen = model::Generator::Create(m, model::GeneratorOptions{});
+  EXPECT_TRUE(gen.ok()) << gen.status();
+  if (!gen.ok()) return {};
+  model::GenerateRequest req;
+  req.prompt_ids = prompt;
+  req.max_tokens = max_tokens;
+  req.sampling.temperature = 0;
+  req.ignore_eos = true;
+  auto r = (*gen)->Generate(req);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? r->tokens : std::vector<int32_t>();
 }
 
 }  // namespace cleave::worker::testing_util

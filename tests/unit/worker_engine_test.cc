@@ -30,15 +30,7 @@ class EngineTest : public ::testing::Test {
   static void TearDownTestSuite() { delete model_; }
 
   static std::vector<int32_t> Offline(const std::vector<int32_t>& prompt, int max_tokens) {
-    auto gen = model::Generator::Create(*model_, model::GeneratorOptions{});
-    model::GenerateRequest req;
-    req.prompt_ids = prompt;
-    req.max_tokens = max_tokens;
-    req.sampling.temperature = 0;
-    req.ignore_eos = true;
-    auto r = (*gen)->Generate(req);
-    EXPECT_TRUE(r.ok()) << r.status();
-    return r->tokens;
+    return testing_util::OfflineGreedy(*model_, prompt, max_tokens);
   }
 
   static std::vector<int32_t> Prompt(int n, uint32_t seed) {

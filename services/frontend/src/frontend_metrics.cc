@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -9,8 +10,6 @@
 
 namespace cleave::frontend {
 namespace {
-
-using metrics::LabelValue;
 
 // Routes as labels: the fixed paths the server answers, everything else "other".
 const std::vector<std::string>& Endpoints() {
@@ -109,12 +108,19 @@ size_t IndexOf(std::string_view value, const std::vector<std::string>& allowed) 
   return allowed.size();
 }
 
-// The series for (row, column) of a fixed label grid: created under the family's mutex the first
-// time, then read from an atomic cache, so a request pays one relaxed load and one atomic add.
+// The label value at `index` of `allowed`, or "other" past its end.
+std::string_view LabelAt(size_t index, const std::vector<std::string>& allowed) {
+  return index < allowed.size() ? std::string_view(allowed[index]) : metrics::kOtherLabelValue;
+}
+
+// The series for cell `index` of a fixed label grid: created under the family's mutex the first
+// time, then read from an atomic cache, so a request pays one acquire load and one atomic add.
+template <typename Labels>
 metrics::Counter* GridCounter(std::vector<std::atomic<metrics::Counter*>>& cache, size_t index,
-                              metrics::CounterFamily& family, std::string_view a, std::string_view b) {
+                              metrics::CounterFamily& family, Labels labels) {
   metrics::Counter* c = cache[index].load(std::memory_order_acquire);
   if (c != nullptr) return c;
+  const auto [a, b] = labels();
   absl::StatusOr<metrics::Counter*> made = family.WithLabels({a, b});
   if (!made.ok()) return nullptr;
   cache[index].store(*made, std::memory_order_release);
@@ -124,11 +130,10 @@ metrics::Counter* GridCounter(std::vector<std::atomic<metrics::Counter*>>& cache
 }  // namespace
 
 void FrontendMetrics::CountHttp(std::string_view path, int status) {
-  const std::string code = std::to_string(status);
-  const size_t e = IndexOf(path, Endpoints()), k = IndexOf(code, HttpCodes());
-  const size_t index = e * (HttpCodes().size() + 1) + k;
-  metrics::Counter* c = GridCounter(http_cache_, index, *http_, LabelValue(path, Endpoints()),
-                                    LabelValue(code, HttpCodes()));
+  const size_t e = IndexOf(path, Endpoints()), k = IndexOf(std::to_string(status), HttpCodes());
+  metrics::Counter* c = GridCounter(http_cache_, e * (HttpCodes().size() + 1) + k, *http_, [&] {
+    return std::pair(LabelAt(e, Endpoints()), LabelAt(k, HttpCodes()));
+  });
   if (c != nullptr) c->Inc();
 }
 
@@ -136,9 +141,11 @@ void FrontendMetrics::CountGrpc(std::string_view method, int grpc_code) {
   constexpr size_t kNumCodes = std::size(kGrpcCodes);
   const bool known = grpc_code >= 0 && static_cast<size_t>(grpc_code) < kNumCodes;
   const size_t m = IndexOf(method, GrpcMethods());
-  const size_t index = m * (kNumCodes + 1) + (known ? grpc_code : kNumCodes);
-  metrics::Counter* c = GridCounter(grpc_cache_, index, *grpc_, LabelValue(method, GrpcMethods()),
-                                    known ? kGrpcCodes[grpc_code] : metrics::kOtherLabelValue);
+  const size_t k = known ? static_cast<size_t>(grpc_code) : kNumCodes;
+  metrics::Counter* c = GridCounter(grpc_cache_, m * (kNumCodes + 1) + k, *grpc_, [&] {
+    return std::pair(LabelAt(m, GrpcMethods()),
+                     known ? std::string_view(kGrpcCodes[k]) : metrics::kOtherLabelValue);
+  });
   if (c != nullptr) c->Inc();
 }
 

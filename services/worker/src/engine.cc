@@ -62,9 +62,8 @@ KvCacheStore::KvCacheStore(model::KvCache& cache, const model::ModelConfig& conf
   geometry_.num_blocks = cache.num_blocks();
   if (config.has_ssm_state()) {
     for (int l = 0; l < cache.num_layers(); ++l) geometry_.state_layers.push_back(cache.is_mamba(l) ? 1 : 0);
-    const model::MambaConfig& m = config.mamba;
-    geometry_.conv_state_bytes = static_cast<size_t>(m.d_inner) * (m.d_conv - 1) * sizeof(float);
-    geometry_.ssm_state_bytes = static_cast<size_t>(m.d_inner) * m.d_state * sizeof(float);
+    geometry_.conv_state_bytes = model::ConvStateBytes(config);
+    geometry_.ssm_state_bytes = model::SsmStateBytes(config);
     geometry_.num_state_slots = cache.num_state_slots();
   }
 }
@@ -252,9 +251,8 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
 
 absl::Status Engine::ShipState(int layer, const std::vector<Seq*>& seqs,
                                const std::vector<std::pair<int, int>>& spans) {
-  const model::MambaConfig& m = model_.config().mamba;
-  const size_t conv_bytes = static_cast<size_t>(m.d_inner) * (m.d_conv - 1) * sizeof(float);
-  const size_t ssm_bytes = static_cast<size_t>(m.d_inner) * m.d_state * sizeof(float);
+  const size_t conv_bytes = model::ConvStateBytes(model_.config());
+  const size_t ssm_bytes = model::SsmStateBytes(model_.config());
   auto* conv_base = static_cast<const std::byte*>(cache_.conv_state(layer).data());
   auto* ssm_base = static_cast<const std::byte*>(cache_.ssm_state(layer).data());
   for (size_t i = 0; i < seqs.size(); ++i) {

@@ -54,7 +54,10 @@ class KvCache {
 // Bytes one block takes across all attention layers (K and V), for sizing a cache from a memory
 // budget; 0 for a model without attention.
 size_t KvBytesPerBlock(const ModelConfig& config, int block_size);
-// Bytes one state slot takes across all Mamba layers (conv + SSM state); 0 without Mamba layers.
+// Bytes of one slot's conv state (f32 [d_inner, d_conv - 1]) and SSM state (f32 [d_inner,
+// d_state]) in one Mamba layer, and across all Mamba layers (0 without Mamba layers).
+size_t ConvStateBytes(const ModelConfig& config);
+size_t SsmStateBytes(const ModelConfig& config);
 size_t StateBytesPerSlot(const ModelConfig& config);
 
 // A free list of block ids, for offline generation and tests. LIFO so recently freed (cache-warm)
