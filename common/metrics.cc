@@ -263,11 +263,47 @@ void FamilyBase::Render(std::string* out) const {
     for (const auto& child : children_) children.push_back(child.get());
   }
   if (children.empty()) return;
+  RenderHeader(out);
+  for (const Child* child : children) RenderChild(*child, out);
+}
+
+void FamilyBase::RenderHeader(std::string* out) const {
   absl::StrAppend(out, "# HELP ", name_, " ");
   AppendEscaped(help_, /*quote=*/false, out);
   absl::StrAppend(out, "\n# TYPE ", name_, " ", TypeName(type_), "\n");
-  for (const Child* child : children) RenderChild(*child, out);
 }
+
+namespace {
+
+// A family without stored children: Render() asks its collector for the current series.
+class CollectedFamily final : public FamilyBase {
+ public:
+  CollectedFamily(std::string name, std::string help, MetricType type,
+                  std::vector<std::string> label_names, Collector collect)
+      : FamilyBase(std::move(name), std::move(help), type, std::move(label_names), {}),
+        collect_(std::move(collect)) {}
+
+  void Render(std::string* out) const override {
+    const std::vector<Sample> samples = collect_();
+    std::set<std::vector<std::string>> seen;
+    bool header = false;
+    for (const Sample& s : samples) {
+      if (s.label_values.size() != label_names().size() || !seen.insert(s.label_values).second) {
+        continue;
+      }
+      if (!header) RenderHeader(out);
+      header = true;
+      AppendSeries(name(), "", label_names(), s.label_values, nullptr, out);
+      AppendNumber(s.value, out);
+      out->push_back('\n');
+    }
+  }
+
+ private:
+  const Collector collect_;
+};
+
+}  // namespace
 
 void FamilyBase::RenderChild(const Child& child, std::string* out) const {
   const std::vector<std::string>& values = child.label_values;
@@ -380,6 +416,25 @@ absl::Status Registry::AddGaugeCallback(std::string_view name, std::string_view 
   }
   CLEAVE_ASSIGN_OR_RETURN(GaugeFamily * family, AddGaugeFamily(name, help, std::move(names)));
   return family->AddCallback(std::move(values), std::move(fn));
+}
+
+absl::Status Registry::AddCollectedFamily(std::string_view name, std::string_view help,
+                                          MetricType type, std::vector<std::string> label_names,
+                                          Collector collect) {
+  if (type == MetricType::kHistogram) {
+    return absl::InvalidArgumentError(absl::StrCat(AbslView(name), ": collected families are counters or gauges"));
+  }
+  if (!collect) return absl::InvalidArgumentError(absl::StrCat(AbslView(name), ": empty collector"));
+  CLEAVE_RETURN_IF_ERROR(ValidateFamily(name, help, type, label_names, {}));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (names_.contains(name)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("metric family '", AbslView(name), "' already registered"));
+  }
+  families_.push_back(std::make_unique<internal::CollectedFamily>(
+      std::string(name), std::string(help), type, std::move(label_names), std::move(collect)));
+  names_.emplace(name);
+  return absl::OkStatus();
 }
 
 std::string Registry::Render() const {

@@ -25,6 +25,7 @@ bool SchedulerCore::Impl::HasPdPair() const {
   bool prefill = false;
   bool decode = false;
   for (const auto& [id, w] : workers) {
+    if (w->draining) continue;
     prefill |= w->role() == v1::WORKER_ROLE_PREFILL;
     decode |= w->role() == v1::WORKER_ROLE_DECODE;
   }
@@ -33,7 +34,7 @@ bool SchedulerCore::Impl::HasPdPair() const {
 
 bool SchedulerCore::Impl::HasColocated() const {
   return std::any_of(workers.begin(), workers.end(), [](const auto& entry) {
-    return entry.second->role() == v1::WORKER_ROLE_COLOCATED;
+    return !entry.second->draining && entry.second->role() == v1::WORKER_ROLE_COLOCATED;
   });
 }
 
@@ -71,6 +72,7 @@ void SchedulerCore::Impl::SendAdd(const Worker& worker, const Request& r, int nu
   if (kv_target != nullptr) *add->mutable_kv_target() = *kv_target;
   add->set_rng_skip(static_cast<uint32_t>(r.generated()));
   add->set_state_slot(placement.state_slot);
+  add->set_trace_id(r.trace_id);
   outbox.to_workers.emplace_back(worker.id, std::move(msg));
 }
 
@@ -109,6 +111,7 @@ void SchedulerCore::Impl::SendExpectKv(const Worker& decode, const Request& r, W
   }
   expect->set_source_worker_id(source);
   expect->set_state_slot(r.decode.state_slot);
+  expect->set_trace_id(r.trace_id);
   outbox.to_workers.emplace_back(decode.id, std::move(msg));
 }
 
@@ -128,6 +131,7 @@ void SchedulerCore::Impl::EmitError(const Request& r, int32_t code, const std::s
   event.set_client_id(r.client_id);
   event.set_error_code(code);
   event.set_error_message(message);
+  FillTimings(r, event.mutable_timings());
   outbox.to_frontends.emplace_back(r.frontend, std::move(event));
 }
 
@@ -140,11 +144,14 @@ SchedulerCore::~SchedulerCore() = default;
 
 const SchedulerConfig& SchedulerCore::config() const { return impl_->config; }
 
+void SchedulerCore::SetMetrics(SchedulerMetrics* metrics) { impl_->metrics = metrics; }
+
 void SchedulerCore::OnWorkerMessage(WorkerId worker, const v1::WorkerMessage& message, Clock now) {
   Worker* w = impl_->FindWorker(worker);
   if (w == nullptr) return;
   switch (message.kind_case()) {
     case v1::WorkerMessage::kStep:
+      w->reported_waiting = message.step().num_waiting();
       impl_->OnStep(*w, message.step());
       break;
     case v1::WorkerMessage::kKvReady:
@@ -155,6 +162,10 @@ void SchedulerCore::OnWorkerMessage(WorkerId worker, const v1::WorkerMessage& me
       break;
     case v1::WorkerMessage::kKvSent:
       impl_->OnKvSent(*w, message.kv_sent());
+      break;
+    case v1::WorkerMessage::kDrain:
+      // Nothing new goes there; what it holds runs to its end (the worker leaves when idle).
+      w->draining = true;
       break;
     default:  // hello_worker_id is the service's business; nothing else is known
       break;
@@ -192,8 +203,13 @@ v1::StatsResponse SchedulerCore::Stats() const {
     ws->set_kv_address(w->reg.kv_address());
     ws->set_num_state_slots(w->reg.num_state_slots());
     ws->set_free_state_slots(static_cast<int32_t>(w->free_slots.size()));
+    ws->set_num_waiting(w->reported_waiting);
+    ws->set_num_preempted(w->num_preempted);
+    ws->set_draining(w->draining);
+    ws->set_http_address(w->reg.http_address());
   }
   stats.set_num_waiting(impl_->num_waiting);
+  stats.set_num_waiting_tokens(impl_->waiting_tokens);
   stats.set_num_running(static_cast<int32_t>(impl_->requests.size()) - impl_->num_waiting);
   stats.set_num_finished(impl_->num_finished);
   stats.set_num_rejected(impl_->num_rejected);

@@ -9,10 +9,12 @@
 namespace cleave::scheduler {
 namespace {
 
-// Why a request can never run here (INVALID_ARGUMENT), or empty.
-std::string CheckRunnable(const v1::SubmitRequest& request, int64_t max_model_len, int vocab_size) {
+// Why a request can never run here (INVALID_ARGUMENT), or empty; `too_long` says which kind.
+std::string CheckRunnable(const v1::SubmitRequest& request, int64_t max_model_len, int vocab_size,
+                          bool* too_long) {
   const int64_t len = request.token_ids_size();
-  if (len + 1 > max_model_len) {
+  *too_long = len + 1 > max_model_len;
+  if (*too_long) {
     return absl::StrCat("prompt of ", len, " tokens leaves no room to generate: max_model_len is ",
                         max_model_len);
   }
@@ -33,7 +35,10 @@ void SchedulerCore::Impl::Dequeue(Request& r) {
 
 void SchedulerCore::Submit(FrontendId frontend, const v1::SubmitRequest& request, Clock now) {
   Impl& s = *impl_;
-  auto reject = [&](int32_t code, const std::string& message) {
+  using M = SchedulerMetrics;
+  auto reject = [&](int32_t code, const std::string& message,
+                    M::Rejection reason = M::kInvalid) {
+    if (s.metrics != nullptr) s.metrics->rejected[reason]->Inc();
     v1::RequestEvent event;
     event.set_client_id(request.client_id());
     event.set_error_code(code);
@@ -54,22 +59,25 @@ void SchedulerCore::Submit(FrontendId frontend, const v1::SubmitRequest& request
   if (!HasServingCapacity()) {
     return reject(kCodeUnavailable,
                   "no serving capacity registered (no prefill + decode pair, "
-                  "no colocated worker)");
+                  "no colocated worker)",
+                  M::kNoCapacity);
   }
   const int64_t max_model_len = s.MaxModelLen();
-  if (std::string why = CheckRunnable(request, max_model_len, s.geometry->vocab_size());
+  bool too_long = false;
+  if (std::string why = CheckRunnable(request, max_model_len, s.geometry->vocab_size(), &too_long);
       !why.empty()) {
-    return reject(kCodeInvalidArgument, why);
+    return reject(kCodeInvalidArgument, why, too_long ? M::kTooLong : M::kInvalid);
   }
   const int64_t len = request.token_ids_size();
   if (s.num_waiting >= s.config.max_waiting) {
     return reject(kCodeResourceExhausted,
-                  absl::StrCat("too many requests waiting (", s.num_waiting, ")"));
+                  absl::StrCat("too many requests waiting (", s.num_waiting, ")"), M::kQueueFull);
   }
   if (s.waiting_tokens + len > s.config.max_waiting_tokens) {
     return reject(kCodeResourceExhausted,
                   absl::StrCat("too many prompt tokens waiting (", s.waiting_tokens, " + ", len,
-                               " > ", s.config.max_waiting_tokens, ")"));
+                               " > ", s.config.max_waiting_tokens, ")"),
+                  M::kQueueFull);
   }
 
   auto owned = std::make_unique<Request>();
@@ -77,6 +85,10 @@ void SchedulerCore::Submit(FrontendId frontend, const v1::SubmitRequest& request
   r.id = s.next_request_id++;
   r.frontend = frontend;
   r.client_id = request.client_id();
+  // Opaque to the scheduler; bounded so a buggy frontend cannot bloat every worker message.
+  r.trace_id = request.trace_id().substr(0, 128);
+  s.MarkAdmitted(r);
+  s.Count(&M::admitted);
   r.priority = request.priority();
   r.arrival = s.next_arrival++;
   r.tokens.assign(request.token_ids().begin(), request.token_ids().end());
@@ -113,6 +125,7 @@ void SchedulerCore::Cancel(FrontendId frontend, const v1::CancelRequest& cancel)
     s.DetachAll(*r, cancel.finished() ? v1::REMOVE_REASON_FINISHED : v1::REMOVE_REASON_CANCELLED);
   }
   if (cancel.finished()) ++s.num_finished;
+  s.CountEnd(cancel.finished() ? SchedulerMetrics::kFinished : SchedulerMetrics::kCancelled);
   s.Erase(*r);
 }
 

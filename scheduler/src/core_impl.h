@@ -19,6 +19,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "cleave/scheduler/scheduler_core.h"
+#include "cleave/scheduler/scheduler_metrics.h"
 #include "cleave/v1/control.pb.h"
 #include "request.h"
 #include "waiting_queue.h"
@@ -54,6 +55,24 @@ struct SchedulerCore::Impl {
                   std::vector<int32_t>::const_iterator last);
   void SendExpectKv(const Worker& decode, const Request& r, WorkerId source);
   v1::RequestEvent& StepEvent(Request& r);  // the request's event in the current step batch
+  static void FillTimings(const Request& r, v1::PhaseTimings* out);
+
+  // --- metrics (null-safe: unit tests run without) -------------------------------------------
+  void Count(metrics::Counter* SchedulerMetrics::*counter, uint64_t n = 1) {
+    if (metrics != nullptr) (metrics->*counter)->Inc(n);
+  }
+  void CountEnd(SchedulerMetrics::Outcome outcome) {
+    if (metrics != nullptr) metrics->ended[outcome]->Inc();
+  }
+  // Stores a phase's duration in r.times and observes it.
+  void RecordPhase(Request& r, SchedulerMetrics::Phase phase, int64_t us);
+  // Timing events of a request's life (see RequestTimes).
+  void OnPlaced(Request& r);
+  void OnFirstToken(Request& r);        // the current attempt's first token, before it is appended
+  void OnFirstDecodeToken(Request& r);  // P/D: the decode worker's first token
+  void MarkAdmitted(Request& r);
+  void MarkKvReady(Request& r);
+  void MarkDecodeAdded(Request& r);
   void EmitError(const Request& r, int32_t code, const std::string& message);
 
   // --- lifecycle (core_lifecycle.cc) ---------------------------------------------------------
@@ -81,6 +100,8 @@ struct SchedulerCore::Impl {
   // Hashes of r's first num_blocks full blocks, for the current block size.
   const std::vector<uint64_t>& BlockHashes(Request& r, int num_blocks);
   int MatchPrefix(Worker& worker, Request& r, int max_blocks, std::vector<int32_t>* hit);
+  // A placement looked up `tokens` prompt tokens on `worker` and found `hit_tokens` cached.
+  void CountPrefixLookup(const Worker& worker, int tokens, int hit_tokens);
   enum class PlaceResult { kPlaced, kBlocked, kDropped };
   PlaceResult PlacePd(Request& r);
   PlaceResult PlaceColocated(Request& r);
@@ -104,6 +125,7 @@ struct SchedulerCore::Impl {
   void OnWorkerLost(Worker& worker, const std::string& why);
 
   SchedulerConfig config;
+  SchedulerMetrics* metrics = nullptr;
   Outbox outbox;
   std::map<WorkerId, std::unique_ptr<Worker>> workers;  // ordered: ties go to the lowest id
   // The model and geometry every worker must match (the first live worker's registration).

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <string>
 
+#include "cleave/common/logging.h"
 #include "core_impl.h"
 
 namespace cleave::scheduler {
@@ -56,8 +57,10 @@ void SchedulerCore::Impl::Finish(Request& r, bool by_length) {
   v1::RequestEvent& event = StepEvent(r);
   event.set_finished(true);
   event.set_finished_by_length(by_length);
+  FillTimings(r, event.mutable_timings());
   DetachAll(r, v1::REMOVE_REASON_FINISHED);
   ++num_finished;
+  CountEnd(SchedulerMetrics::kFinished);
   Erase(r);
 }
 
@@ -67,7 +70,9 @@ void SchedulerCore::Impl::Fail(Request& r, int32_t code, const std::string& mess
   } else {
     DetachAll(r, v1::REMOVE_REASON_FAILED);
   }
+  CLEAVE_LOG(Warning) << "request " << r.trace_id << " (#" << r.id << ") failed: " << message;
   EmitError(r, code, message);
+  CountEnd(SchedulerMetrics::kFailed);
   Erase(r);
 }
 
@@ -83,13 +88,21 @@ void SchedulerCore::Impl::Requeue(Request& r, v1::RemoveReason reason) {
 }
 
 void SchedulerCore::Impl::Preempt(Request& r) {
+  // Charged to the worker whose pool or priority forced it: the decode side unless only the
+  // prefill side holds it.
+  const Placement& where = r.decode.involved ? r.decode : r.prefill;
+  if (Worker* w = FindWorker(where.worker)) ++w->num_preempted;
+  CLEAVE_LOG(Debug) << "request " << r.trace_id << " (#" << r.id << ") preempted";
   Requeue(r, v1::REMOVE_REASON_PREEMPTED);
   ++num_preempted;
+  Count(&SchedulerMetrics::preemptions);
 }
 
 void SchedulerCore::Impl::RerunOrFail(Request& r, int32_t code, const std::string& message) {
   if (r.generated() == 0 && r.num_reruns < config.max_reruns) {
     ++r.num_reruns;
+    Count(&SchedulerMetrics::reruns);
+    CLEAVE_LOG(Warning) << "request " << r.trace_id << " (#" << r.id << ") re-run: " << message;
     // To the workers that still hold it, a re-run is a preemption: it may come back.
     Requeue(r, v1::REMOVE_REASON_PREEMPTED);
     return;

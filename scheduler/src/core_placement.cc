@@ -1,6 +1,7 @@
 // Schedule(): waiting requests in policy order are placed on workers (the router: prefix-cache
 // hits, free blocks, load), their blocks allocated, and placement preemption under PRIORITY.
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,14 @@ const std::vector<uint64_t>& SchedulerCore::Impl::BlockHashes(Request& r, int nu
   }
   ExtendBlockHashes(r.tokens, bs, num_blocks, &r.block_hashes);
   return r.block_hashes;
+}
+
+void SchedulerCore::Impl::CountPrefixLookup(const Worker& worker, int tokens, int hit_tokens) {
+  prefix_cache_hit_tokens += static_cast<uint64_t>(hit_tokens);
+  // Like vLLM's prefix_cache_queries: only placements that could have hit count as queries.
+  if (!config.enable_prefix_cache || worker.has_state()) return;
+  Count(&SchedulerMetrics::prefix_queried_tokens, static_cast<uint64_t>(tokens));
+  Count(&SchedulerMetrics::prefix_hit_tokens, static_cast<uint64_t>(hit_tokens));
 }
 
 int SchedulerCore::Impl::MatchPrefix(Worker& worker, Request& r, int max_blocks,
@@ -126,7 +135,8 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlacePd(Request& r) {
   p.worker->Attach(r.id, r.prefill);
   r.prefill_queued = len - hit_p * bs;
   p.worker->queued_prompt_tokens += r.prefill_queued;
-  prefix_cache_hit_tokens += static_cast<uint64_t>(hit_p) * bs;
+  CountPrefixLookup(*p.worker, len, hit_p * bs);
+  OnPlaced(r);
 
   // The decode worker hears first, so it expects the KV before the prefill worker can send it.
   SendExpectKv(*d.worker, r, p.worker->id);
@@ -177,7 +187,8 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlaceColocated(Request& r)
   r.decode = NewPlacement(c.worker->id, hit_blocks, bs);
   (void)c.worker->blocks.Allocate(c.hit, need - hit_blocks, &r.decode.blocks);
   c.worker->Attach(r.id, r.decode);
-  prefix_cache_hit_tokens += static_cast<uint64_t>(hit_blocks) * bs;
+  CountPrefixLookup(*c.worker, len, hit_blocks * bs);
+  OnPlaced(r);
   SendAdd(*c.worker, r, hit_blocks * bs, r.decode, nullptr);
   return PlaceResult::kPlaced;
 }
@@ -202,6 +213,16 @@ void SchedulerCore::Impl::FailWaitingWithoutCapacity(Clock now) {
 }
 
 void SchedulerCore::Schedule(Clock now) {
+  Impl& s = *impl_;
+  const auto started = std::chrono::steady_clock::now();
+  ScheduleImpl(now);
+  if (s.metrics != nullptr) {
+    s.metrics->schedule_seconds->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  }
+}
+
+void SchedulerCore::ScheduleImpl(Clock now) {
   Impl& s = *impl_;
   s.FailWaitingWithoutCapacity(now);
   const bool pd = s.HasPdPair();

@@ -69,6 +69,7 @@ void SchedulerCore::Impl::OnToken(Worker& worker, const v1::TokenResult& token) 
     // The prefill worker's one token: time to first token.
     if (worker.id != r.prefill.worker || r.first_token) return;
     r.first_token = true;
+    OnFirstToken(r);
     worker.queued_prompt_tokens -= r.prefill_queued;
     r.prefill_queued = 0;
     r.prefill.computed_tokens = r.placed_tokens;
@@ -93,6 +94,11 @@ void SchedulerCore::Impl::OnToken(Worker& worker, const v1::TokenResult& token) 
   if (r.state != RequestState::kDecoding && r.state != RequestState::kRunning) return;
   if (worker.id != r.decode.worker) return;
   if (r.event_stamp != event_stamp) touched.push_back(r.id);
+  if (r.state == RequestState::kRunning) {
+    if (r.times.first_token < 0) OnFirstToken(r);  // colocated: prefill's token
+  } else {
+    OnFirstDecodeToken(r);  // P/D: no-op after the first
+  }
   AppendToken(r, token);
   // The KV of every token but the newest is in the blocks now.
   r.decode.computed_tokens = static_cast<int>(r.tokens.size()) - 1;
@@ -124,6 +130,7 @@ void SchedulerCore::Impl::OnKvReady(Worker& worker, const v1::KvReady& ready) {
   if (r->state != RequestState::kPrefilling && r->state != RequestState::kTransferring) return;
   if (worker.id != r->decode.worker) return;
   r->kv_ready = true;
+  MarkKvReady(*r);
   r->decode.computed_tokens = r->placed_tokens;
   CacheComputed(*r, r->decode);
   if (r->state == RequestState::kTransferring) StartDecode(*r);
@@ -159,6 +166,7 @@ void SchedulerCore::Impl::StartDecode(Request& r) {
   if (d == nullptr) return;    // cannot happen: losing d takes r off it
   Grow(r, /*preempt=*/false);  // the AddRequest carries the whole table
   r.state = RequestState::kDecoding;
+  MarkDecodeAdded(r);
   // All of this attempt's prompt has its KV there; the first token's does not yet.
   SendAdd(*d, r, r.placed_tokens, r.decode, nullptr);
 }

@@ -113,6 +113,7 @@ std::vector<WorkerId> SchedulerCore::ExpireLeases(Clock now) {
     if (now - w->last_heartbeat > impl_->config.lease_ms) lapsed.push_back(id);
   }
   for (WorkerId id : lapsed) RemoveWorker(id, "lease expired");
+  impl_->Count(&SchedulerMetrics::lease_expiries, lapsed.size());
   return lapsed;
 }
 

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cleave/scheduler/scheduler_core.h"
@@ -38,8 +39,24 @@ struct Placement {
   bool ended_by_worker = false;  // the worker reported it finished: no RemoveRequest owed
 };
 
+// When a request reached each point of its life, on a steady clock in microseconds (-1: not yet),
+// and the phase durations derived from them (PhaseTimings in control.proto defines the phases).
+// Time to first token is measured once per request; the P/D hand-off phases once too, on the
+// first attempt that reaches its first decode token.
+struct RequestTimes {
+  int64_t admitted = -1;
+  int64_t placed = -1;        // the current attempt's placement
+  int64_t first_token = -1;   // the current attempt's first token (prefill or colocated)
+  int64_t kv_ready = -1;      // P/D: the current attempt's KvReady
+  int64_t decode_added = -1;  // P/D: AddRequest sent to the decode worker
+  // Microseconds per phase, -1 until measured: queue, prefill, kv_transfer, decode_queue,
+  // first_decode_step.
+  int64_t phase_us[5] = {-1, -1, -1, -1, -1};
+};
+
 struct Request {
   RequestId id = 0;
+  std::string trace_id;  // the client-visible id (x-request-id), for logs and workers
   FrontendId frontend = 0;
   uint64_t client_id = 0;
   int priority = 0;
@@ -72,6 +89,8 @@ struct Request {
   // Token events of one StepResults are batched: the event this request got in step event_stamp.
   uint64_t event_stamp = 0;
   size_t event_index = 0;
+
+  RequestTimes times;
 
   int generated() const { return static_cast<int>(tokens.size()) - num_prompt_tokens; }
   int remaining() const { return max_tokens - generated(); }

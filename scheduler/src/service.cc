@@ -14,9 +14,24 @@
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
 #include "cleave/v1/control.grpc.pb.h"
+#include "scheduler_http.h"
 
 namespace cleave::scheduler {
 namespace {
+
+// A worker listening on a wildcard address ("0.0.0.0:PORT", ":PORT") is reachable at the address
+// it connected from: that is what service discovery must hand to Prometheus. `peer` is gRPC's
+// "ipv4:10.0.0.5:41234" / "ipv6:[fd00::5]:41234".
+std::string ReachableAddress(const std::string& address, const std::string& peer) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return address;
+  const std::string host = address.substr(0, colon);
+  if (!host.empty() && host != "0.0.0.0" && host != "[::]" && host != "::") return address;
+  const size_t kind = peer.find(':');
+  const size_t port = peer.rfind(':');
+  if (kind == std::string::npos || port == kind) return address;
+  return peer.substr(kind + 1, port - kind - 1) + address.substr(colon);
+}
 
 Clock NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -77,6 +92,15 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
   }
   ~SchedulerServiceImpl() override { StopTicker(); }
 
+  void SetMetrics(SchedulerMetrics* metrics) {
+    std::lock_guard lock(mu_);
+    core_.SetMetrics(metrics);
+  }
+  v1::StatsResponse CurrentStats() {
+    std::lock_guard lock(mu_);
+    return core_.Stats();
+  }
+
   void StopTicker() {
     {
       std::lock_guard lock(mu_);
@@ -87,10 +111,12 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
     ticker_.join();
   }
 
-  grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* request,
+  grpc::Status RegisterWorker(grpc::ServerContext* context, const v1::RegisterWorkerRequest* request,
                               v1::RegisterWorkerResponse* reply) override {
+    v1::RegisterWorkerRequest reg = *request;
+    if (!reg.http_address().empty()) reg.set_http_address(ReachableAddress(reg.http_address(), context->peer()));
     std::lock_guard lock(mu_);
-    absl::StatusOr<WorkerId> id = core_.AddWorker(*request, NowMs());
+    absl::StatusOr<WorkerId> id = core_.AddWorker(reg, NowMs());
     if (!id.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(id.status().message()));
     workers_[*id] = std::make_shared<WorkerQueue>();
     reply->set_worker_id(*id);
@@ -209,7 +235,7 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
     while (!stop_) {
       tick_cv_.wait_for(lock, std::chrono::milliseconds(100));
       if (stop_) return;
-      for (WorkerId w : core_.ExpireLeases(NowMs())) {
+      for (WorkerId w : core_.ExpireLeases(NowMs())) {  // counted in lease_expiries
         CLEAVE_LOG(Warning) << "worker " << w << " lease lapsed; removed";
         auto it = workers_.find(w);
         if (it != workers_.end()) {
@@ -233,17 +259,38 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
 
 struct SchedulerServer::Impl {
   std::unique_ptr<SchedulerServiceImpl> service;
+  std::unique_ptr<SchedulerHttp> http;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<admin::AdminServer> http_server;  // stopped before `service` goes
   int port = 0;
 };
 
 SchedulerServer::SchedulerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SchedulerServer::~SchedulerServer() { Shutdown(); }
 int SchedulerServer::port() const { return impl_->port; }
+int SchedulerServer::http_port() const { return impl_->http_server ? impl_->http_server->port() : 0; }
+
+void SchedulerServer::Drain() {
+  if (!impl_ || !impl_->server) return;
+  impl_->http->SetDraining();
+  impl_->server->GetHealthCheckService()->SetServingStatus(false);
+}
 
 absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const SchedulerServerOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->service = std::make_unique<SchedulerServiceImpl>(options.config);
+  SchedulerServiceImpl* service = impl->service.get();
+  absl::StatusOr<std::unique_ptr<SchedulerHttp>> http =
+      SchedulerHttp::Create([service] { return service->CurrentStats(); });
+  if (!http.ok()) return http.status();
+  impl->http = std::move(*http);
+  service->SetMetrics(impl->http->metrics());
+  if (options.http != "off") {
+    absl::StatusOr<std::unique_ptr<admin::AdminServer>> s = impl->http->Serve(options.http);
+    if (!s.ok()) return s.status();
+    impl->http_server = std::move(*s);
+  }
+  // grpc.health.v1.Health: SERVING from the start, NOT_SERVING once Drain() is called.
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -261,15 +308,20 @@ void SchedulerServer::Shutdown() {
   impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   impl_->server->Wait();
   impl_->server.reset();
+  if (impl_->http_server) impl_->http_server->Stop();
   impl_->service->StopTicker();
 }
 
 absl::Status RunScheduler(const SchedulerServerOptions& options, ShutdownLatch& shutdown) {
   auto server = SchedulerServer::Start(options);
   if (!server.ok()) return server.status();
-  CLEAVE_LOG(Info) << "scheduler listening on port " << (*server)->port();
+  CLEAVE_LOG(Info) << "scheduler listening on port " << (*server)->port()
+                   << ((*server)->http_port() > 0 ? absl::StrCat(", HTTP (metrics, health) on port ",
+                                                                 (*server)->http_port())
+                                                  : "");
   shutdown.Wait();
   CLEAVE_LOG(Info) << "scheduler shutting down";
+  (*server)->Drain();
   (*server)->Shutdown();
   return absl::OkStatus();
 }

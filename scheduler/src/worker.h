@@ -29,7 +29,7 @@ struct Worker {
   int num_running() const { return static_cast<int>(requests.size()); }
   // A request placed here needs a running slot and, for Mamba models, a state slot.
   bool has_room() const {
-    return num_running() < reg.max_running() && (!has_state() || !free_slots.empty());
+    return !draining && num_running() < reg.max_running() && (!has_state() || !free_slots.empty());
   }
   // The model carries recurrent (Mamba) state per request: no prefix reuse here, since a cached
   // KV prefix without the SSM state at that position cannot resume a sequence.
@@ -66,6 +66,9 @@ struct Worker {
   // Prefill workers: prompt tokens placed here whose first token has not come back yet.
   int64_t queued_prompt_tokens = 0;
   std::vector<int32_t> free_slots;  // state slots no request holds (a stack)
+  int reported_waiting = 0;         // StepResults.num_waiting of its last step
+  uint64_t num_preempted = 0;       // requests preempted off it
+  bool draining = false;            // it sent Drain: no new placements
 };
 
 }  // namespace cleave::scheduler

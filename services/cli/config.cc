@@ -3,8 +3,10 @@
 #include <yaml-cpp/yaml.h>
 
 #include <set>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/common/status.h"
 
 namespace cleave::cli {
 namespace {
@@ -32,12 +34,13 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
   if (YAML::Node s = root["scheduler"]) {
     if (auto st = CheckKeys(s, "scheduler", {"listen", "policy", "max_waiting", "max_waiting_tokens",
                                              "retry_after_s", "lease_ms", "heartbeat_ms", "prefix_cache",
-                                             "decode_lookahead_tokens"});
+                                             "decode_lookahead_tokens", "http"});
         !st.ok()) {
       return st;
     }
     auto& sc = c.scheduler.config;
     Read(s, "listen", c.scheduler.listen);
+    Read(s, "http", c.scheduler.http);
     std::string policy = "fcfs";
     Read(s, "policy", policy);
     if (policy != "fcfs" && policy != "priority") {
@@ -57,7 +60,8 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
     c.workers.clear();
     for (const YAML::Node& w : ws) {
       if (auto st = CheckKeys(w, "a worker group", {"role", "replicas", "kv_blocks", "kv_cache_mb", "block_size",
-                                                   "max_batch_tokens", "max_running", "threads", "kv_listen_host"});
+                                                   "max_batch_tokens", "max_running", "threads", "kv_listen_host", "http",
+                                                   "drain_grace_s"});
           !st.ok()) {
         return st;
       }
@@ -75,18 +79,53 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
       Read(w, "max_running", g.options.max_running);
       Read(w, "threads", g.options.threads);
       Read(w, "kv_listen_host", g.options.kv_listen_host);
+      Read(w, "http", g.options.http);
+      Read(w, "drain_grace_s", g.options.drain_grace_s);
       if (g.replicas < 1) return absl::InvalidArgumentError("workers[].replicas must be at least 1");
+      if (g.options.drain_grace_s < 0) return absl::InvalidArgumentError("workers[].drain_grace_s must be >= 0");
       c.workers.push_back(g);
     }
   }
   if (YAML::Node f = root["frontend"]) {
-    if (auto st = CheckKeys(f, "frontend", {"http", "grpc", "threads", "max_body_bytes"}); !st.ok()) return st;
+    if (auto st = CheckKeys(f, "frontend", {"http", "grpc", "threads", "max_body_bytes", "drain_grace_s"}); !st.ok()) {
+      return st;
+    }
     Read(f, "http", c.frontend.http);
     Read(f, "grpc", c.frontend.grpc);
     Read(f, "threads", c.frontend.threads);
     Read(f, "max_body_bytes", c.frontend.max_body_bytes);
+    Read(f, "drain_grace_s", c.frontend.drain_grace_s);
+    if (c.frontend.drain_grace_s < 0) return absl::InvalidArgumentError("frontend.drain_grace_s must be >= 0");
   }
+  if (absl::Status st = ValidatePorts(c); !st.ok()) return st;
   return c;
+}
+
+// A fixed port range [first, first + count) claimed by `what`.
+struct PortRange {
+  std::string what;
+  int first = 0;
+  int count = 1;
+};
+
+// Appends the range of `address` unless it is "off" (when allowed) or port 0.
+absl::Status Claim(std::vector<PortRange>& ranges, std::string what, const std::string& address, bool may_be_off,
+                   int count = 1) {
+  if (may_be_off && address == "off") return absl::OkStatus();
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
+  if (!hp.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", hp.status().message()));
+  if (hp->second == 0) return absl::OkStatus();
+  if (hp->second + count - 1 > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ports ", hp->second, "..", hp->second + count - 1,
+                                                   " run past 65535"));
+  }
+  ranges.push_back({std::move(what), hp->second, count});
+  return absl::OkStatus();
+}
+
+std::string Describe(const PortRange& r) {
+  return r.count == 1 ? absl::StrCat(r.what, " (port ", r.first, ")")
+                      : absl::StrCat(r.what, " (ports ", r.first, "..", r.first + r.count - 1, ")");
 }
 
 }  // namespace
@@ -105,8 +144,41 @@ absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& add
   return std::make_pair(address.substr(0, colon), static_cast<int>(p));
 }
 
+absl::Status ValidatePorts(const ServeConfig& c) {
+  std::vector<PortRange> ranges;
+  CLEAVE_RETURN_IF_ERROR(Claim(ranges, "scheduler.listen", c.scheduler.listen, false));
+  CLEAVE_RETURN_IF_ERROR(Claim(ranges, "scheduler.http", c.scheduler.http, true));
+  CLEAVE_RETURN_IF_ERROR(Claim(ranges, "frontend.http", c.frontend.http, false));
+  CLEAVE_RETURN_IF_ERROR(Claim(ranges, "frontend.grpc", c.frontend.grpc, true));
+  for (size_t i = 0; i < c.workers.size(); ++i) {
+    CLEAVE_RETURN_IF_ERROR(Claim(ranges, absl::StrCat("workers[", i, "].http"), c.workers[i].options.http, true,
+                                 c.workers[i].replicas));
+  }
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    for (size_t j = i + 1; j < ranges.size(); ++j) {
+      const PortRange& a = ranges[i];
+      const PortRange& b = ranges[j];
+      if (a.first < b.first + b.count && b.first < a.first + a.count) {
+        return absl::InvalidArgumentError(absl::StrCat("port conflict: ", Describe(a), " overlaps ", Describe(b)));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReplicaHttpAddress(const std::string& group_http, int replica) {
+  if (group_http == "off") return group_http;
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(group_http);
+  if (!hp.ok()) return hp.status();
+  if (hp->second == 0) return group_http;
+  return absl::StrCat(hp->first, ":", hp->second + replica);
+}
+
 ServeConfig DefaultServeConfig() {
   ServeConfig c;
+  // The header's default is port 0 for embedders and tests; a deployment gets a fixed, documented
+  // port so that Prometheus can be pointed at the scheduler before anything else is known.
+  c.scheduler.http = "127.0.0.1:8100";
   WorkerGroup prefill, decode;
   prefill.options.role = v1::WORKER_ROLE_PREFILL;
   decode.options.role = v1::WORKER_ROLE_DECODE;

@@ -22,6 +22,9 @@ struct FrontendConfig {
   std::string grpc = "127.0.0.1:50051"; // HOST:PORT of the cleave.v1.Generation gRPC API
   int threads = 2;                      // HTTP I/O threads
   size_t max_body_bytes = 8u << 20;
+  // SIGTERM: new generation requests get 503 at once; those in flight get this long to finish
+  // before they are cancelled and the process exits.
+  int drain_grace_s = 30;
 };
 
 struct ServeConfig {
@@ -31,8 +34,17 @@ struct ServeConfig {
   FrontendConfig frontend;
 };
 
-// Unknown keys are errors (a typo must not silently fall back to a default).
+// Unknown keys are errors (a typo must not silently fall back to a default), and so are fixed
+// ports that collide (see ValidatePorts).
 absl::StatusOr<ServeConfig> LoadServeConfig(const std::string& path);
+// Every address must be HOST:PORT ("off" where a port may be disabled), and no two fixed ports
+// may coincide: the scheduler's two, the frontend's two, and each worker group's HTTP range
+// [port, port + replicas) (replica r listens on port + r; port 0 = any free port, never checked).
+// Hosts are not compared: `cleave serve` runs everything on one machine, where 127.0.0.1:P and
+// 0.0.0.0:P collide too.
+absl::Status ValidatePorts(const ServeConfig& config);
+// The HTTP address of replica `replica` of a worker group: port + replica, port 0 and "off" as is.
+absl::StatusOr<std::string> ReplicaHttpAddress(const std::string& group_http, int replica);
 // "HOST:PORT" -> (host, port); InvalidArgument naming the address otherwise.
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);
 // The built-in default: scheduler, one prefill and one decode worker, frontend on :8000.

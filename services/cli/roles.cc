@@ -21,18 +21,29 @@ absl::StatusOr<ServeConfig> ConfigOrDefault(const std::string& path) {
 
 void RegisterScheduler(CLI::App& app) {
   struct Args {
-    std::string config, listen, policy;
+    std::string config, listen, policy, http;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("scheduler", "Run the scheduler (control plane) until SIGINT/SIGTERM");
   cmd->add_option("--config", args->config, "YAML config (its scheduler: section)");
   cmd->add_option("--listen", args->listen, "HOST:PORT to serve the control plane on (default 127.0.0.1:50151)");
   cmd->add_option("--policy", args->policy, "fcfs or priority");
+  cmd->add_option("--http", args->http,
+                  "HOST:PORT of the HTTP port: /metrics, /health, /ready, /discovery/prometheus "
+                  "(default 127.0.0.1:8100; 'off' disables)");
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
     absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
     if (!c.ok()) return Fail(c.status());
     if (!args->listen.empty()) c->scheduler.listen = args->listen;
+    if (!args->http.empty()) {
+      if (args->http != "off") {
+        if (absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(args->http); !hp.ok()) {
+          return Fail(hp.status());
+        }
+      }
+      c->scheduler.http = args->http;
+    }
     if (!args->policy.empty()) {
       if (args->policy != "fcfs" && args->policy != "priority") {
         return Fail(absl::InvalidArgumentError("--policy must be fcfs or priority"));
@@ -45,9 +56,9 @@ void RegisterScheduler(CLI::App& app) {
 
 void RegisterWorker(CLI::App& app) {
   struct Args {
-    std::string config, role, scheduler, model, name, kv_host;
+    std::string config, role, scheduler, model, name, kv_host, http;
     int kv_blocks = -1, kv_cache_mb = -1, block_size = -1, max_batch_tokens = -1, max_running = -1;
-    int threads = -1, kv_port = -1;
+    int threads = -1, kv_port = -1, drain_grace_s = -1;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("worker", "Run one worker (prefill, decode or colocated)");
@@ -64,6 +75,11 @@ void RegisterWorker(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "kernel threads (default: all cores)");
   cmd->add_option("--kv-host", args->kv_host, "address the KV receiver listens on (decode role)");
   cmd->add_option("--kv-port", args->kv_port, "port of the KV receiver (default: any free port)");
+  cmd->add_option("--http", args->http,
+                  "HOST:PORT of the HTTP port: /metrics, /health, /ready (default 127.0.0.1:0, any free "
+                  "port; 'off' disables)");
+  cmd->add_option("--drain-grace-s", args->drain_grace_s,
+                  "on SIGTERM, seconds the requests held get to finish before exit (default 30)");
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
     absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
@@ -89,6 +105,15 @@ void RegisterWorker(CLI::App& app) {
     if (args->threads >= 0) o.threads = args->threads;
     if (!args->kv_host.empty()) o.kv_listen_host = args->kv_host;
     if (args->kv_port >= 0) o.kv_port = args->kv_port;
+    if (!args->http.empty()) {
+      if (args->http != "off") {
+        if (absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(args->http); !hp.ok()) {
+          return Fail(hp.status());
+        }
+      }
+      o.http = args->http;
+    }
+    if (args->drain_grace_s >= 0) o.drain_grace_s = args->drain_grace_s;
     if (absl::Status s = worker::RunWorker(o, shutdown); !s.ok()) Fail(s);
   });
 }
@@ -96,7 +121,7 @@ void RegisterWorker(CLI::App& app) {
 void RegisterFrontend(CLI::App& app) {
   struct Args {
     std::string config, scheduler, model, http, grpc;
-    int threads = -1;
+    int threads = -1, drain_grace_s = -1;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("frontend", "Run the OpenAI-compatible HTTP + gRPC frontend");
@@ -106,6 +131,8 @@ void RegisterFrontend(CLI::App& app) {
   cmd->add_option("--http", args->http, "HOST:PORT of the HTTP API (default 127.0.0.1:8000)");
   cmd->add_option("--grpc", args->grpc, "HOST:PORT of the gRPC API (default 127.0.0.1:50051; 'off' disables)");
   cmd->add_option("--threads", args->threads, "HTTP I/O threads (default 2)");
+  cmd->add_option("--drain-grace-s", args->drain_grace_s,
+                  "on SIGTERM, seconds the requests in flight get to finish before exit (default 30)");
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
     absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
@@ -117,6 +144,7 @@ void RegisterFrontend(CLI::App& app) {
     if (!args->http.empty()) o.frontend.http = args->http;
     if (!args->grpc.empty()) o.frontend.grpc = args->grpc;
     if (args->threads > 0) o.frontend.threads = args->threads;
+    if (args->drain_grace_s >= 0) o.frontend.drain_grace_s = args->drain_grace_s;
     if (absl::Status s = RunFrontend(o, shutdown); !s.ok()) Fail(s);
   });
 }

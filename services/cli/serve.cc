@@ -1,8 +1,17 @@
 // `cleave serve`: every role of a config on this machine, each its own process (scheduler, the
 // worker groups, the frontend), supervised: prints the URL once the frontend is ready, stops
-// them all (SIGTERM, then SIGKILL after a grace period) on Ctrl-C / SIGTERM or when the
-// scheduler or frontend dies. A worker that dies is logged and left dead — the scheduler fails
-// over to the remaining workers, as it would in a cluster.
+// them all on Ctrl-C / SIGTERM or when the scheduler or frontend dies. A worker that dies is
+// logged and left dead — the scheduler fails over to the remaining workers, as it would in a
+// cluster.
+//
+// Stopping goes from the clients inwards, each stage SIGTERM then SIGKILL after its bound:
+//   1. the frontend: it drains (new requests 503, those in flight finish) and exits;
+//      bound frontend.drain_grace_s + 10 s;
+//   2. the workers: they drain what they still hold (nothing, normally) and exit;
+//      bound the largest workers[].drain_grace_s + 10 s;
+//   3. the scheduler; bound 10 s.
+// The scheduler stays up until the workers are gone, so requests in flight can finish. Serve
+// exits 0 when every process still running at the stop exited with status 0.
 #include <arpa/inet.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -10,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -26,12 +36,19 @@
 namespace cleave::cli {
 namespace {
 
+// The stop stages, in order.
+enum class Stage { kFrontend = 0, kWorkers = 1, kScheduler = 2 };
+
 struct Child {
   std::string name;
   pid_t pid = -1;
+  Stage stage = Stage::kScheduler;
   bool critical = false;
   bool exited = false;
 };
+
+// Slack past a process's own drain grace for it to close its streams and exit.
+constexpr std::chrono::seconds kExitSlack{10};
 
 std::string SelfExe() {
   char buf[4096];
@@ -50,6 +67,9 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGTERM);
     pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    // Its own process group: a Ctrl-C in the terminal reaches serve alone, which then stops the
+    // children in order (a scheduler that got the SIGINT too would go before the frontend drained).
+    setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1);
     std::vector<char*> args;
@@ -84,29 +104,52 @@ bool FrontendReady(const std::string& host, int port) {
   return ok;
 }
 
-void StopAll(std::vector<Child>& children) {
+// SIGTERM to the children of one stage still running, then waits for them up to `bound`
+// (SIGKILL after). False when one of them did not exit with status 0.
+bool StopStage(std::vector<Child>& children, Stage stage, std::chrono::seconds bound) {
+  bool clean = true;
   for (const Child& c : children) {
-    if (!c.exited) kill(c.pid, SIGTERM);
+    if (c.stage == stage && !c.exited) kill(c.pid, SIGTERM);
   }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  const auto deadline = std::chrono::steady_clock::now() + bound;
   for (Child& c : children) {
+    if (c.stage != stage) continue;
     while (!c.exited) {
       int status = 0;
       const pid_t r = waitpid(c.pid, &status, WNOHANG);
       if (r == c.pid || r < 0) {
         c.exited = true;
+        if (r < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+          clean = false;
+          CLEAVE_LOG(Warning) << c.name << " (pid " << c.pid << ") "
+                              << (r < 0                 ? std::string("could not be waited for")
+                                  : WIFSIGNALED(status) ? absl::StrCat("was killed by signal ", WTERMSIG(status))
+                                                        : absl::StrCat("exited with status ", WEXITSTATUS(status)));
+        }
         break;
       }
       if (std::chrono::steady_clock::now() > deadline) {
-        CLEAVE_LOG(Warning) << c.name << " did not stop in 10 s; killing it";
+        CLEAVE_LOG(Warning) << c.name << " did not stop in " << bound.count() << " s; killing it";
         kill(c.pid, SIGKILL);
         waitpid(c.pid, &status, 0);
         c.exited = true;
+        clean = false;
         break;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   }
+  return clean;
+}
+
+// Frontend, then workers, then scheduler (see the file comment).
+bool StopAll(std::vector<Child>& children, const ServeConfig& config) {
+  int worker_grace_s = 0;
+  for (const WorkerGroup& g : config.workers) worker_grace_s = std::max(worker_grace_s, g.options.drain_grace_s);
+  bool clean = StopStage(children, Stage::kFrontend, std::chrono::seconds(config.frontend.drain_grace_s) + kExitSlack);
+  clean &= StopStage(children, Stage::kWorkers, std::chrono::seconds(worker_grace_s) + kExitSlack);
+  clean &= StopStage(children, Stage::kScheduler, kExitSlack);
+  return clean;
 }
 
 absl::Status RunServe(const std::string& config_path) {
@@ -119,11 +162,11 @@ absl::Status RunServe(const std::string& config_path) {
   const std::string exe = SelfExe();
   const std::string sched_addr = config->scheduler.listen;
   std::vector<Child> children;
-  auto start = [&](std::string name, std::vector<std::string> argv, bool critical) -> absl::Status {
+  auto start = [&](std::string name, std::vector<std::string> argv, Stage stage) -> absl::Status {
     argv.insert(argv.begin(), exe);
     absl::StatusOr<pid_t> pid = Spawn(argv);
     if (!pid.ok()) return pid.status();
-    children.push_back({std::move(name), *pid, critical, false});
+    children.push_back({std::move(name), *pid, stage, /*critical=*/stage != Stage::kWorkers, false});
     return absl::OkStatus();
   };
   std::vector<std::string> with_config;
@@ -133,7 +176,9 @@ absl::Status RunServe(const std::string& config_path) {
     a.insert(a.end(), b.begin(), b.end());
     return a;
   };
-  absl::Status s = start("scheduler", add({"scheduler", "--listen", sched_addr}, with_config), true);
+  absl::Status s =
+      start("scheduler", add({"scheduler", "--listen", sched_addr, "--http", config->scheduler.http}, with_config),
+            Stage::kScheduler);
   int index = 0;
   for (const WorkerGroup& g : config->workers) {
     const std::string role = g.options.role == v1::WORKER_ROLE_PREFILL  ? "prefill"
@@ -141,6 +186,11 @@ absl::Status RunServe(const std::string& config_path) {
                                                                         : "colocated";
     for (int r = 0; s.ok() && r < g.replicas; ++r, ++index) {
       const std::string name = absl::StrCat(role, "-", r);
+      absl::StatusOr<std::string> worker_http = ReplicaHttpAddress(g.options.http, r);
+      if (!worker_http.ok()) {
+        s = worker_http.status();
+        break;
+      }
       std::vector<std::string> argv = {"worker", "--role", role, "--scheduler", sched_addr, "--model",
                                        config->model, "--name", name};
       argv.insert(argv.end(), {"--kv-blocks", std::to_string(g.options.kv_blocks), "--kv-cache-mb",
@@ -148,17 +198,19 @@ absl::Status RunServe(const std::string& config_path) {
                                std::to_string(g.options.block_size), "--max-batch-tokens",
                                std::to_string(g.options.max_batch_tokens), "--max-running",
                                std::to_string(g.options.max_running), "--threads",
-                               std::to_string(g.options.threads), "--kv-host", g.options.kv_listen_host});
-      s = start(name, argv, false);
+                               std::to_string(g.options.threads), "--kv-host", g.options.kv_listen_host,
+                               "--http", *worker_http, "--drain-grace-s", std::to_string(g.options.drain_grace_s)});
+      s = start(name, argv, Stage::kWorkers);
     }
   }
   if (s.ok()) {
     s = start("frontend", add({"frontend", "--scheduler", sched_addr, "--model", config->model, "--http",
-                                config->frontend.http, "--grpc", config->frontend.grpc},
-                               with_config), true);
+                                config->frontend.http, "--grpc", config->frontend.grpc, "--drain-grace-s",
+                                std::to_string(config->frontend.drain_grace_s)},
+                               with_config), Stage::kFrontend);
   }
   if (!s.ok()) {
-    StopAll(children);
+    StopAll(children, *config);
     return s;
   }
 
@@ -191,9 +243,11 @@ absl::Status RunServe(const std::string& config_path) {
       announced = true;
     }
   }
-  CLEAVE_LOG(Info) << "stopping " << children.size() << " processes";
-  StopAll(children);
+  CLEAVE_LOG(Info) << "stopping " << children.size() << " processes: frontend, workers, scheduler";
+  const bool clean = StopAll(children, *config);
   if (exit_status != 0) return absl::InternalError("a critical process (scheduler or frontend) died");
+  if (!clean) return absl::InternalError("not every process stopped cleanly");
+  CLEAVE_LOG(Info) << "all processes stopped";
   return absl::OkStatus();
 }
 

@@ -29,9 +29,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config_text(workers, sched_port, http_port, grpc_port, model=MODEL, **sched):
+def config_text(workers, sched_port, http_port, grpc_port, model=MODEL, sched_http_port=0,
+                frontend=None, **sched):
     lines = [f"model: {model}", "scheduler:", f"  listen: 127.0.0.1:{sched_port}",
-             "  lease_ms: 2000", "  heartbeat_ms: 300"]
+             f"  http: 127.0.0.1:{sched_http_port}", "  lease_ms: 2000", "  heartbeat_ms: 300"]
     for k, v in sched.items():
         lines.append(f"  {k}: {v}")
     lines.append("workers:")
@@ -42,6 +43,8 @@ def config_text(workers, sched_port, http_port, grpc_port, model=MODEL, **sched)
                 lines.append(f"    {k}: {v}")
     lines += ["frontend:", f"  http: 127.0.0.1:{http_port}", f"  grpc: 127.0.0.1:{grpc_port}",
               "  threads: 2"]
+    for k, v in (frontend or {}).items():
+        lines.append(f"  {k}: {v}")
     return "\n".join(lines) + "\n"
 
 
@@ -56,11 +59,15 @@ COLOCATED = [dict(role="colocated", replicas=1, kv_blocks=1024, threads=1)]
 
 
 class Cluster:
-    def __init__(self, tmp, workers, model=MODEL, **sched):
-        self.http_port, self.grpc_port, sched_port = free_port(), free_port(), free_port()
+    def __init__(self, tmp, workers, model=MODEL, frontend=None, **sched):
+        """frontend: extra keys of the config's frontend: section (e.g. drain_grace_s)."""
+        self.http_port, self.grpc_port, self.sched_port = free_port(), free_port(), free_port()
+        # The scheduler's HTTP port: /metrics, /health, /ready, /discovery/prometheus.
+        self.sched_http_port = free_port()
         self.config = Path(tmp) / "cleave.yaml"
-        self.config.write_text(config_text(workers, sched_port, self.http_port, self.grpc_port,
-                                           model=model, **sched))
+        self.config.write_text(config_text(workers, self.sched_port, self.http_port, self.grpc_port,
+                                           model=model, sched_http_port=self.sched_http_port,
+                                           frontend=frontend, **sched))
         self.log = open(Path(tmp) / "serve.log", "w+")
         self.proc = subprocess.Popen([CLEAVE, "serve", "--config", str(self.config)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -91,6 +98,29 @@ class Cluster:
         self.log.flush()
         self.log.seek(0)
         return self.log.read()[-8000:]
+
+    def log_text(self):
+        """Everything the tree logged so far (serve's stderr, which its children share)."""
+        self.log.flush()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def request_done(self, request_id=None, timeout=10):
+        """The frontend's request_done records (dicts), in order; with request_id, waits for that
+        request's record and returns it alone."""
+        deadline = time.time() + timeout
+        while True:
+            records = [json.loads(line.split("request_done ", 1)[1])
+                       for line in self.log_text().splitlines() if "request_done {" in line]
+            if request_id is None:
+                return records
+            mine = [r for r in records if r["request_id"] == request_id]
+            if mine:
+                assert len(mine) == 1, mine
+                return mine[0]
+            if time.time() > deadline:
+                raise AssertionError(f"no request_done line for {request_id!r}:\n{self.logs()}")
+            time.sleep(0.05)
 
     def get(self, path, timeout=10):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:

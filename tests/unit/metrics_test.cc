@@ -336,6 +336,37 @@ TEST(MetricsTest, RendersWhileRecordingAndRegistering) {
   EXPECT_NE(r.Render().find("late_1999 0\n"), std::string::npos);
 }
 
+TEST(MetricsTest, CollectedFamilyRendersWhatItsCollectorReturnsNow) {
+  Registry r;
+  std::vector<Sample> current = {{{"decode-0", "decode"}, 3}, {{"prefill-0", "prefill"}, 1}};
+  ASSERT_TRUE(r.AddCollectedFamily("cleave_worker_requests", "Requests per worker.", MetricType::kGauge,
+                                   {"worker", "role"}, [&current] { return current; })
+                  .ok());
+  EXPECT_EQ(r.Render(),
+            "# HELP cleave_worker_requests Requests per worker.\n"
+            "# TYPE cleave_worker_requests gauge\n"
+            "cleave_worker_requests{worker=\"decode-0\",role=\"decode\"} 3\n"
+            "cleave_worker_requests{worker=\"prefill-0\",role=\"prefill\"} 1\n");
+  // A worker leaves: its series goes; a bad sample (arity) and a repeated tuple are dropped.
+  current = {{{"decode-0", "decode"}, 4}, {{"only-one"}, 9}, {{"decode-0", "decode"}, 5}};
+  EXPECT_EQ(r.Render(),
+            "# HELP cleave_worker_requests Requests per worker.\n"
+            "# TYPE cleave_worker_requests gauge\n"
+            "cleave_worker_requests{worker=\"decode-0\",role=\"decode\"} 4\n");
+  current.clear();
+  EXPECT_EQ(r.Render(), "");  // no series: no HELP/TYPE either
+  EXPECT_EQ(r.AddCollectedFamily("cleave_h", "h", MetricType::kHistogram, {}, [] { return std::vector<Sample>(); })
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.AddCollectedFamily("cleave_c", "c", MetricType::kCounter, {}, [] { return std::vector<Sample>(); })
+                .code(),
+            absl::StatusCode::kInvalidArgument);  // a counter's name must end in _total
+  EXPECT_EQ(r.AddCollectedFamily("cleave_worker_requests", "again", MetricType::kGauge, {},
+                                 [] { return std::vector<Sample>(); })
+                .code(),
+            absl::StatusCode::kAlreadyExists);
+}
+
 // Runs `command`, returning its exit code and combined stdout/stderr.
 std::pair<int, std::string> RunShell(const std::string& command) {
   std::string output;
@@ -375,6 +406,10 @@ TEST(MetricsTest, PromtoolAcceptsEveryTypeWithoutLintComplaints) {
   Unwrap(r.AddHistogram("cleave_batch_tokens", "Tokens per batch.",
                         Unwrap(ExponentialBuckets(1, 2, 12))))
       ->Observe(300);
+  ASSERT_TRUE(r.AddCollectedFamily("cleave_worker_preemptions_total", "Preemptions per worker.",
+                                   MetricType::kCounter, {"worker"},
+                                   [] { return std::vector<Sample>{{{"decode-0"}, 2}}; })
+                  .ok());
 
   const std::string path = (std::filesystem::temp_directory_path() /
                             ("cleave_metrics_" + std::to_string(::getpid()) + ".prom"))

@@ -95,6 +95,26 @@ absl::Status FrontendMetrics::Init() {
   CLEAVE_ASSIGN_OR_RETURN(disconnects_, r.AddCounter("cleave_frontend_client_disconnects_total",
                                                      "Requests whose client went away (or cancelled "
                                                      "the gRPC call) before the end."));
+  // The frontend's own share of a request's latency is tokenizing and handing over on the way in
+  // and formatting and writing on the way out: tens of microseconds up to milliseconds for long
+  // prompts.
+  const std::vector<double> phase_buckets = {0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
+                                             0.0025,  0.005,    0.01,    0.025,  0.05,   0.1,    0.25,
+                                             0.5,     1,        2.5};
+  CLEAVE_ASSIGN_OR_RETURN(metrics::HistogramFamily * phases,
+                          r.AddHistogramFamily("cleave_frontend_request_phase_seconds",
+                                               "The frontend's parts of time to first token: frontend_in "
+                                               "(request received -> submitted to the scheduler), "
+                                               "frontend_out (first token back from the scheduler -> "
+                                               "written to the client). First choice of each request.",
+                                               {"phase"}, phase_buckets));
+  CLEAVE_ASSIGN_OR_RETURN(phases_[static_cast<int>(RequestPhase::kFrontendIn)],
+                          phases->WithLabels({"frontend_in"}));
+  CLEAVE_ASSIGN_OR_RETURN(phases_[static_cast<int>(RequestPhase::kFrontendOut)],
+                          phases->WithLabels({"frontend_out"}));
+  CLEAVE_ASSIGN_OR_RETURN(draining_, r.AddGauge("cleave_frontend_draining",
+                                                "1 while the frontend drains for shutdown (new "
+                                                "generations refused, those in flight finishing), else 0."));
   return absl::OkStatus();
 }
 

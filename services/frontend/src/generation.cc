@@ -54,6 +54,7 @@ v1::SubmitRequest BuildSubmitRequest(const FrontendContext& ctx, const Generatio
   for (int32_t id : StopIds(ctx, params)) req.add_stop_token_ids(id);
   req.set_ignore_eos(params.ignore_eos);
   req.set_priority(static_cast<int32_t>(params.priority));
+  req.set_trace_id(prepared.trace_id);
   return req;
 }
 
@@ -147,6 +148,31 @@ bool GenerationStream::done() const {
   return done_;
 }
 
+ChoiceTrace GenerationStream::trace() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return trace_;
+}
+
+void GenerationStream::TraceEvent(const EngineEvent& event) {
+  if (event.submitted_at != std::chrono::steady_clock::time_point{}) trace_.submitted = event.submitted_at;
+  if (!event.tokens.empty() && trace_.first_token_received == std::chrono::steady_clock::time_point{}) {
+    trace_.first_token_received = event.received_at;
+  }
+  if (!event.timings.has_value()) return;
+  // PhaseTimings' contract: queue and prefill are final on the event with the first token; the
+  // final event has every phase the last attempt reached (-1 for the others). Other events'
+  // values are not relied on.
+  const v1::PhaseTimings& t = *event.timings;
+  const bool final_event = event.finished || !event.error.ok();
+  if (t.queue_us() >= 0 && (final_event || !event.tokens.empty())) trace_.queue_us = t.queue_us();
+  if (t.prefill_us() >= 0 && (final_event || !event.tokens.empty())) trace_.prefill_us = t.prefill_us();
+  if (final_event) {
+    trace_.kv_transfer_us = t.kv_transfer_us();
+    trace_.decode_queue_us = t.decode_queue_us();
+    trace_.first_decode_step_us = t.first_decode_step_us();
+  }
+}
+
 std::string GenerationStream::TokenText(int32_t prev, const std::string& prev_text,
                                         int32_t id) const {
   // Decoding the token after its predecessor keeps SentencePiece's leading space, which a
@@ -213,6 +239,7 @@ void GenerationStream::OnEvent(const EngineEvent& event) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (done_) return;
+    TraceEvent(event);
     GenerationUpdate u;
     if (!event.error.ok()) {
       u.status = event.error;

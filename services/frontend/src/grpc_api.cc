@@ -4,12 +4,18 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <atomic>
+#include <chrono>
 #include <deque>
 #include <mutex>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/generation.h"
+#include "cleave/frontend/lifecycle.h"
+#include "cleave/frontend/openai_api.h"
+#include "cleave/frontend/request_log.h"
 #include "cleave/v1/generate.grpc.pb.h"
 
 namespace cleave::frontend {
@@ -50,12 +56,40 @@ GenerationParams FromProto(const v1::GenerateRequest& r) {
   return p;
 }
 
+// The client's x-request-id metadata when acceptable, else a new id.
+std::string RequestIdFor(const grpc::CallbackServerContext& context) {
+  const auto& md = context.client_metadata();
+  if (auto it = md.find("x-request-id"); it != md.end()) {
+    std::string_view id(it->second.data(), it->second.size());
+    if (IsAcceptableRequestId(id)) return std::string(id);
+  }
+  return NewResponseId("gen-");
+}
+
 // One Generate call: the pipeline's updates become messages, written one at a time (the
 // callback API allows a single outstanding write), and the client cancelling the call cancels
 // the engine request.
+//
+// Lock order: the pipeline calls OnUpdate holding the stream's lock, so nothing here calls into
+// the stream while holding mu_ (Cancel and trace() are called with mu_ released).
 class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(FrontendContext& ctx, const v1::GenerateRequest& request) : metrics_(ctx.metrics) {
+  GenerateReactor(FrontendContext& ctx, grpc::CallbackServerContext& context, const v1::GenerateRequest& request,
+                  const std::atomic<bool>& server_stopping)
+      : metrics_(ctx.metrics),
+        server_stopping_(server_stopping),
+        received_(std::chrono::steady_clock::now()),
+        request_id_(RequestIdFor(context)) {
+    context.AddInitialMetadata("x-request-id", request_id_);
+    if (ctx.lifecycle != nullptr) {
+      admission_ = ctx.lifecycle->TryAdmit();
+      if (!admission_.has_value()) {
+        std::lock_guard lock(mu_);
+        FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                  "the server is shutting down and takes no new requests; retry on another replica"));
+        return;
+      }
+    }
     GenerationParams params = FromProto(request);
     absl::StatusOr<PreparedRequest> prepared = PrepareRequest(ctx, params);
     if (!prepared.ok()) {
@@ -63,7 +97,8 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       FinishLocked(ToGrpc(prepared.status()));
       return;
     }
-    request_id_ = absl::StrCat("gen-", reinterpret_cast<uintptr_t>(this), "-", prepared->prompt_ids.size());
+    prepared->trace_id = request_id_;
+    prompt_tokens_ = static_cast<int>(prepared->prompt_ids.size());
     // Not under mu_: the pipeline may deliver a first update before Start returns.
     auto stream = GenerationStream::Start(ctx, params, *prepared, 0,
                                           [this](GenerationUpdate u) { OnUpdate(std::move(u)); });
@@ -100,12 +135,17 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
     }
     if (stream) stream->Cancel();
     std::lock_guard lock(mu_);
-    if (metrics_ != nullptr && !finished_) metrics_->client_disconnects().Inc();
+    if (metrics_ != nullptr && !finished_ && !server_stopping_.load()) metrics_->client_disconnects().Inc();
     if (!writing_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
     cancelled_ = true;
   }
 
-  void OnDone() override { delete this; }
+  // Every reaction has run and none will: the one place the call's end is logged without
+  // holding mu_ (the stream's trace takes the stream's lock).
+  void OnDone() override {
+    LogDone();
+    delete this;
+  }
 
  private:
   void OnUpdate(GenerationUpdate u) {
@@ -141,10 +181,44 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
       r.set_finish_reason(u.finish == FinishReason::kStop ? v1::FINISH_REASON_STOP : v1::FINISH_REASON_LENGTH);
       r.set_prompt_tokens(u.usage.prompt_tokens);
       r.set_completion_tokens(u.usage.completion_tokens);
+      finish_ = u.finish;
       ended_ = true;
     }
+    tokens_seen_ += static_cast<int>(u.tokens.size());
     queue_.push_back(std::move(r));
     PumpLocked();
+    // The message is handed to gRPC (or queued behind the one being written).
+    if (!u.tokens.empty() && first_token_written_ == std::chrono::steady_clock::time_point{}) {
+      first_token_written_ = std::chrono::steady_clock::now();
+    }
+  }
+
+  void LogDone() {
+    std::shared_ptr<GenerationStream> stream;
+    RequestRecord r;
+    {
+      std::lock_guard lock(mu_);
+      stream = stream_;
+      const grpc::StatusCode code = final_status_.error_code();
+      r.outcome = code == grpc::StatusCode::OK          ? (finish_ == FinishReason::kLength ? "length" : "stop")
+                  : code == grpc::StatusCode::CANCELLED ? "cancelled"
+                                                        : "error";
+      if (code == grpc::StatusCode::CANCELLED) {
+        r.cancelled_by = server_stopping_.load() ? "server" : "client";
+      } else if (code != grpc::StatusCode::OK) {
+        r.error = final_status_.error_message();
+      }
+      r.status = static_cast<int>(code);
+      r.completion_tokens = tokens_seen_;
+      r.first_token_written = first_token_written_;
+    }
+    r.request_id = request_id_;
+    r.api = "grpc";
+    r.prompt_tokens = prompt_tokens_;
+    r.received = received_;
+    r.done = std::chrono::steady_clock::now();
+    if (stream != nullptr) r.trace = stream->trace();
+    LogRequestDone(r, metrics_);
   }
 
   void PumpLocked() {
@@ -169,15 +243,21 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   void FinishLocked(const grpc::Status& status) {
     if (finished_) return;
     finished_ = true;
+    final_status_ = status;
     if (metrics_ != nullptr) metrics_->CountGrpc("Generate", status.error_code());
     Finish(status);
   }
 
   FrontendMetrics* const metrics_;
+  const std::atomic<bool>& server_stopping_;  // the server cancels calls (a drain ran out of time)
+  const std::chrono::steady_clock::time_point received_;
+  const std::string request_id_;
+  // Counts the call as in flight for a drain until the reactor is deleted (OnDone).
+  std::optional<FrontendLifecycle::Admission> admission_;
+  int prompt_tokens_ = 0;
   std::mutex mu_;
   std::shared_ptr<GenerationStream> stream_;
   std::deque<v1::GenerateResponse> queue_;
-  std::string request_id_;
   bool first_ = true;
   bool writing_ = false;
   bool ended_ = false;
@@ -185,6 +265,10 @@ class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
   bool finished_ = false;
   int ctx_retry_after_ = 0;
   grpc::Status end_status_;
+  grpc::Status final_status_;  // what Finish was called with
+  FinishReason finish_ = FinishReason::kNone;
+  int tokens_seen_ = 0;
+  std::chrono::steady_clock::time_point first_token_written_{};
 };
 
 class GenerationService final : public v1::Generation::CallbackService {
@@ -196,10 +280,13 @@ class GenerationService final : public v1::Generation::CallbackService {
     reactor->Finish(status);
   }
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext*,
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* context,
                                                             const v1::GenerateRequest* request) override {
-    return new GenerateReactor(ctx_, *request);
+    return new GenerateReactor(ctx_, *context, *request, stopping_);
   }
+
+  // Set before the server shuts down: cancellations from then on are the server's, not clients'.
+  void MarkStopping() { stopping_.store(true); }
 
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const v1::TokenizeRequest* request,
                                      v1::TokenizeResponse* reply) override {
@@ -256,6 +343,7 @@ class GenerationService final : public v1::Generation::CallbackService {
   }
 
   FrontendContext& ctx_;
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace
@@ -283,12 +371,19 @@ absl::StatusOr<std::unique_ptr<GrpcApiServer>> GrpcApiServer::Start(const std::s
   if (!impl->server || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("gRPC API cannot listen on ", address));
   }
+  // Naming the service registers it; SetServing(bool) then flips it together with "".
   impl->server->GetHealthCheckService()->SetServingStatus(v1::Generation::service_full_name(), true);
+  impl->server->GetHealthCheckService()->SetServingStatus(true);
   return std::unique_ptr<GrpcApiServer>(new GrpcApiServer(std::move(impl)));
+}
+
+void GrpcApiServer::SetServing(bool serving) {
+  if (impl_ && impl_->server) impl_->server->GetHealthCheckService()->SetServingStatus(serving);
 }
 
 void GrpcApiServer::Stop() {
   if (!impl_ || !impl_->server) return;
+  impl_->service->MarkStopping();
   impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   impl_->server->Wait();
   impl_->server.reset();

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -105,16 +106,24 @@ class Session : public std::enable_shared_from_this<Session> {
   bool close_after_ = false;
   bool http10_ = false;
   bool closed_ = false;
+  bool server_stopping_ = false;  // closed by HttpServer::Stop, not by the client
+  // When the current request's header was parsed: the start of its timeline (request_log.h).
+  std::chrono::steady_clock::time_point request_start_{};
   std::shared_ptr<GenerateCall> call_;
 };
 
 // Builds and runs one /v1/completions or /v1/chat/completions request on a session. Returns the
-// call (already started), or nullptr after having sent an error response itself.
+// call (already started), or nullptr after having sent an error response itself (including 503
+// while the frontend drains). `client_request_id` is the x-request-id header ("" when absent);
+// `received` is when the request's header was parsed.
 std::shared_ptr<GenerateCall> StartGenerateCall(const std::shared_ptr<Session>& session,
                                                 const FrontendContext& ctx, bool chat,
-                                                const std::string& body);
-// The client went away or the server stops: cancel every choice. Idempotent; strand only.
-void CancelGenerateCall(GenerateCall& call);
+                                                const std::string& body,
+                                                std::string_view client_request_id,
+                                                std::chrono::steady_clock::time_point received);
+// The client went away (by_server false) or the server stops (true): cancel every choice.
+// Idempotent; strand only.
+void CancelGenerateCall(GenerateCall& call, bool by_server);
 
 struct ServerState {
   HttpServerOptions options;

@@ -7,6 +7,7 @@
 #include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/chat_template.h"
 #include "cleave/frontend/http_protocol.h"
+#include "cleave/frontend/lifecycle.h"
 #include "cleave/frontend/openai_api.h"
 #include "http_internal.h"
 #include "nlohmann/json.hpp"
@@ -138,6 +139,10 @@ SimpleResponse HandleSimpleRoute(const FrontendContext& ctx, http::verb method,
   if (path == "/health") return get ? JsonResponse(200, "{}") : MethodNotAllowed("GET");
   if (path == "/ready") {
     if (!get) return MethodNotAllowed("GET");
+    // Draining first: a load balancer must stop sending here even though the engine still works.
+    if (ctx.lifecycle != nullptr && ctx.lifecycle->draining()) {
+      return ErrorResponse(503, "The server is draining: it is shutting down and takes no new requests");
+    }
     return ctx.engine->Ready() ? JsonResponse(200, R"({"ready":true})")
                                : ErrorResponse(503, "The engine is not ready");
   }

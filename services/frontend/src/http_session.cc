@@ -39,7 +39,10 @@ void Session::Start() {
 }
 
 void Session::Shutdown() {
-  net::post(executor_, [self = shared_from_this()] { self->Close(); });
+  net::post(executor_, [self = shared_from_this()] {
+    self->server_stopping_ = true;
+    self->Close();
+  });
 }
 
 void Session::ReadHeader() {
@@ -76,6 +79,7 @@ void Session::OnHeader(beast::error_code ec) {
   }
   if (ec) return Close();  // EOF between requests, timeout, reset
   in_request_ = true;
+  request_start_ = std::chrono::steady_clock::now();
   const auto& req = parser_->get();
   path_ = std::string(PathOf(std::string_view(req.target().data(), req.target().size())));
   http10_ = req.version() < 11;
@@ -123,7 +127,11 @@ void Session::Dispatch() {
   const std::string_view path = PathOf(std::string_view(req.target().data(), req.target().size()));
   const bool chat = path == "/v1/chat/completions";
   if ((chat || path == "/v1/completions") && req.method() == http::verb::post) {
-    call_ = StartGenerateCall(shared_from_this(), server_.ctx, chat, req.body());
+    std::string_view request_id;
+    if (auto it = req.find("x-request-id"); it != req.end()) {
+      request_id = std::string_view(it->value().data(), it->value().size());
+    }
+    call_ = StartGenerateCall(shared_from_this(), server_.ctx, chat, req.body(), request_id, request_start_);
     if (call_ != nullptr && !response_done_) Watch();
     return;
   }
@@ -210,7 +218,7 @@ void Session::EndResponse(bool close) {
 void Session::Next() {
   if (closed_) return;
   if (call_ != nullptr) {
-    CancelGenerateCall(*call_);  // a no-op once it finished; breaks the call <-> session cycle
+    CancelGenerateCall(*call_, false);  // a no-op once it finished; breaks the call <-> session cycle
     call_.reset();
   }
   if (close_after_) return LingeringClose();
@@ -249,7 +257,7 @@ void Session::Close() {
   if (closed_) return;
   closed_ = true;
   if (call_ != nullptr) {
-    CancelGenerateCall(*call_);
+    CancelGenerateCall(*call_, server_stopping_);
     call_.reset();
   }
   beast::error_code ec;

@@ -20,6 +20,7 @@ using Stream = grpc::ClientReaderWriter<v1::FrontendMessage, v1::FrontendEvents>
 
 EngineEvent ToEvent(const v1::RequestEvent& e) {
   EngineEvent ev;
+  if (e.has_timings()) ev.timings = e.timings();
   ev.accepted = e.accepted();
   ev.finished = e.finished();
   ev.finished_by_length = e.finished_by_length();
@@ -43,9 +44,16 @@ bool IsTerminal(const EngineEvent& e) { return e.finished || !e.error.ok(); }
 }  // namespace
 
 struct SchedulerClient::Impl {
+  struct Pending {
+    Callback callback;
+    // When the writer handed the SubmitRequest to the stream: the end of the request's
+    // frontend_in phase, copied into each of its events.
+    std::chrono::steady_clock::time_point submitted_at{};
+  };
+
   std::unique_ptr<v1::Scheduler::Stub> stub;
   std::mutex mu;  // guards everything below
-  absl::flat_hash_map<uint64_t, Callback> pending;
+  absl::flat_hash_map<uint64_t, Pending> pending;
   uint64_t next_id = 1;
   Stream* stream = nullptr;
   grpc::ClientContext* context = nullptr;
@@ -106,14 +114,21 @@ struct SchedulerClient::Impl {
       batch.swap(outgoing);
       lock.unlock();
       for (const v1::FrontendMessage& m : batch) {
-        if (Write(m) || !m.has_submit()) continue;
-        // Not sent: the request fails here (a lost cancel needs nothing: the stream is gone).
+        if (m.has_submit()) {
+          // Stamped as it is handed to the stream, before Write: its events may come back before a
+          // blocking Write returns.
+          const auto now = std::chrono::steady_clock::now();
+          std::lock_guard l(mu);
+          if (auto it = pending.find(m.submit().client_id()); it != pending.end()) it->second.submitted_at = now;
+        }
+        if (Write(m) || !m.has_submit()) continue;  // a lost cancel needs nothing: the stream is gone
+        // Not sent: the request fails here.
         Callback cb;
         {
           std::lock_guard l(mu);
           auto it = pending.find(m.submit().client_id());
           if (it == pending.end()) continue;
-          cb = std::move(it->second);
+          cb = std::move(it->second.callback);
           pending.erase(it);
         }
         EngineEvent ev;
@@ -135,14 +150,17 @@ struct SchedulerClient::Impl {
   }
 
   void FailAll(const std::string& why) {
-    absl::flat_hash_map<uint64_t, Callback> failed;
+    absl::flat_hash_map<uint64_t, Pending> failed;
     {
       std::lock_guard lock(mu);
       failed.swap(pending);
     }
-    EngineEvent ev;
-    ev.error = absl::UnavailableError(why);
-    for (auto& [id, cb] : failed) cb(ev);
+    for (auto& [id, p] : failed) {
+      EngineEvent ev;
+      ev.error = absl::UnavailableError(why);
+      ev.submitted_at = p.submitted_at;
+      p.callback(ev);
+    }
   }
 
   void RunReader() {
@@ -157,7 +175,8 @@ struct SchedulerClient::Impl {
       }
       v1::FrontendEvents events;
       while (s->Read(&events)) {
-        for (const v1::RequestEvent& e : events.events()) Dispatch(e);
+        const auto received = std::chrono::steady_clock::now();
+        for (const v1::RequestEvent& e : events.events()) Dispatch(e, received);
       }
       {
         std::lock_guard lock(mu);
@@ -175,14 +194,16 @@ struct SchedulerClient::Impl {
     }
   }
 
-  void Dispatch(const v1::RequestEvent& e) {
+  void Dispatch(const v1::RequestEvent& e, std::chrono::steady_clock::time_point received) {
     EngineEvent ev = ToEvent(e);
+    ev.received_at = received;
     Callback cb;
     {
       std::lock_guard lock(mu);
       auto it = pending.find(e.client_id());
       if (it == pending.end()) return;  // cancelled meanwhile
-      cb = IsTerminal(ev) ? std::move(it->second) : it->second;
+      ev.submitted_at = it->second.submitted_at;
+      cb = IsTerminal(ev) ? std::move(it->second.callback) : it->second.callback;
       if (IsTerminal(ev)) pending.erase(it);
     }
     cb(ev);
@@ -232,7 +253,7 @@ uint64_t SchedulerClient::Submit(v1::SubmitRequest request, Callback callback) {
   {
     std::lock_guard lock(impl_->mu);
     id = impl_->next_id++;
-    impl_->pending[id] = std::move(callback);
+    impl_->pending[id] = Impl::Pending{std::move(callback), {}};
   }
   request.set_client_id(id);
   v1::FrontendMessage m;

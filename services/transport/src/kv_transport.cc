@@ -2,7 +2,13 @@
 // receiver for a listen spec.
 #include "cleave/transport/kv_transport.h"
 
+#include <chrono>
+#include <mutex>
 #include <string_view>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "cleave/common/metrics.h"
 
 #include "inproc_transport.h"
 #include "tcp_receiver.h"
@@ -18,29 +24,76 @@ std::string InprocName(std::string_view address) {
 
 class KvSenderImpl final : public KvSender {
  public:
-  explicit KvSenderImpl(const TransportOptions& options) : options_(options), tcp_(options) {}
+  explicit KvSenderImpl(const TransportOptions& options)
+      : options_(options), metrics_(options.sent_metrics), tcp_(options) {}
 
   absl::Status SendLayer(const std::string& peer, const KvLayerSend& layer) override {
-    if (IsInproc(peer)) return InprocSendLayer(InprocName(peer), options_.geometry, layer);
-    return tcp_.SendLayer(peer, layer);
+    const TransferKey key{layer.request_id, layer.attempt};
+    if (metrics_.enabled()) NoteFrame(key);
+    absl::Status st = IsInproc(peer) ? InprocSendLayer(InprocName(peer), options_.geometry, layer)
+                                     : tcp_.SendLayer(peer, layer);
+    if (st.ok() && metrics_.bytes) {
+      metrics_.bytes->Inc(2 * layer.dst_blocks.size() * options_.geometry.block_bytes());
+    }
+    return st;
   }
 
   absl::Status SendState(const std::string& peer, const KvStateSend& state) override {
-    if (IsInproc(peer)) return InprocSendState(InprocName(peer), options_.geometry, state);
-    return tcp_.SendState(peer, state);
+    const TransferKey key{state.request_id, state.attempt};
+    if (metrics_.enabled()) NoteFrame(key);
+    absl::Status st = IsInproc(peer) ? InprocSendState(InprocName(peer), options_.geometry, state)
+                                     : tcp_.SendState(peer, state);
+    if (st.ok() && metrics_.bytes) {
+      metrics_.bytes->Inc(options_.geometry.conv_state_bytes + options_.geometry.ssm_state_bytes);
+    }
+    return st;
   }
 
   void Finish(const std::string& peer, uint64_t request_id, uint32_t attempt,
               DoneCallback done) override {
     const TransferKey key{request_id, attempt};
+    if (metrics_.enabled()) done = Accounted(key, std::move(done));
     if (IsInproc(peer))
       return InprocFinish(InprocName(peer), options_.geometry, key, std::move(done));
     tcp_.Finish(peer, key, std::move(done));
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // A transfer's clock starts at its first frame, whether or not that frame got through.
+  void NoteFrame(TransferKey key) {
+    std::lock_guard lock(mu_);
+    started_.try_emplace(key, Clock::now());
+  }
+
+  // Wraps `done` to count the transfer's outcome; a transfer that never sent a frame (removed
+  // before its first chunk ran) is not a transfer and is not counted.
+  DoneCallback Accounted(TransferKey key, DoneCallback done) {
+    Clock::time_point start;
+    {
+      std::lock_guard lock(mu_);
+      auto it = started_.find(key);
+      if (it == started_.end()) return done;
+      start = it->second;
+      started_.erase(it);
+    }
+    return [m = metrics_, start, done = std::move(done)](absl::Status st) {
+      if (st.ok()) {
+        if (m.seconds) m.seconds->Observe(std::chrono::duration<double>(Clock::now() - start).count());
+        if (m.ok) m.ok->Inc();
+      } else if (m.failed) {
+        m.failed->Inc();
+      }
+      done(std::move(st));
+    };
+  }
+
   const TransportOptions options_;
+  const TransferMetrics metrics_;
   TcpSender tcp_;
+  std::mutex mu_;
+  absl::flat_hash_map<TransferKey, Clock::time_point> started_;  // guarded by mu_
 };
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/common/metrics.h"
 
 namespace cleave::transport {
 
@@ -20,6 +21,7 @@ struct TransferTracker::Transfer {
   size_t state_landed_count = 0;
   int writers = 0;       // BeginLayer / BeginState tickets not yet ended
   bool removed = false;  // no longer in the map: late EndLayers change nothing
+  std::chrono::steady_clock::time_point expected_at;  // Expect: the transfer's seconds start here
 };
 
 TransferTracker::TransferTracker(const KvGeometry& geometry, ReceiverCallbacks callbacks)
@@ -41,6 +43,7 @@ TransferTracker::~TransferTracker() = default;
 void TransferTracker::Expect(TransferKey key, std::vector<int32_t> blocks, int state_slot) {
   auto t = std::make_shared<Transfer>();
   t->key = key;
+  if (callbacks_.metrics.seconds) t->expected_at = std::chrono::steady_clock::now();
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
   t->landed.assign(blocks.size() * num_kv_layers_, 0);
@@ -192,6 +195,11 @@ void TransferTracker::EndLayer(LayerTicket& ticket, bool written, const std::str
     }
   }
   writes_done_.notify_all();
+  if (written && !t->removed && callbacks_.metrics.bytes) {
+    callbacks_.metrics.bytes->Inc(
+        ticket.is_state ? geometry_.conv_state_bytes + geometry_.ssm_state_bytes
+                        : 2 * ticket.slots.size() * geometry_.block_bytes());
+  }
   if (written || t->removed) return;
   // The payload stopped part-way: those blocks hold a mix of old and new bytes.
   const TransferKey key = t->key;
@@ -211,6 +219,10 @@ void TransferTracker::Finish(TransferKey key) {
   const size_t want = t->landed.size();
   const size_t want_state = t->state_landed.size();
   if (t->landed_count == want && t->state_landed_count == want_state) {
+    if (callbacks_.metrics.seconds) {
+      callbacks_.metrics.seconds->Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t->expected_at).count());
+    }
     CallReady(key);
   } else {
     CallFailed(key, absl::StrCat("incomplete: ", t->landed_count, " of ", want,
@@ -240,10 +252,12 @@ std::shared_ptr<TransferTracker::Transfer> TransferTracker::RemoveAndDrain(
 }
 
 void TransferTracker::CallReady(TransferKey key) {
+  if (callbacks_.metrics.ok) callbacks_.metrics.ok->Inc();
   if (!silenced_.load() && callbacks_.on_ready) callbacks_.on_ready(key.request_id, key.attempt);
 }
 
 void TransferTracker::CallFailed(TransferKey key, const std::string& why) {
+  if (callbacks_.metrics.failed) callbacks_.metrics.failed->Inc();
   if (!silenced_.load() && callbacks_.on_failed) {
     callbacks_.on_failed(key.request_id, key.attempt, why);
   }

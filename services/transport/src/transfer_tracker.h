@@ -23,7 +23,9 @@
 //   worker at the same moment, over different connections, so the first frame may win the race.
 //
 // Thread-safe. Callbacks run on the calling thread, never under the tracker's lock, so they
-// may call back into Expect / Forget.
+// may call back into Expect / Forget. ReceiverCallbacks::metrics (when set) counts the payload
+// bytes of every frame written, each transfer's outcome (on_ready / on_failed; Forget is not an
+// outcome) and the Expect -> on_ready time, so every backend's receiver counts alike.
 #pragma once
 
 #include <atomic>

@@ -7,6 +7,7 @@
 #include "cleave/common/logging.h"
 #include "cleave/common/status.h"
 #include "cleave/kernels/sampling.h"
+#include "cleave/worker/worker_metrics.h"
 
 namespace cleave::worker {
 namespace {
@@ -34,6 +35,10 @@ kernels::SamplingParams ToParams(const v1::SamplingState& s) {
 struct Engine::Seq {
   uint64_t id = 0;
   uint32_t attempt = 0;
+  // The client-visible request id, for log lines (the scheduler's ids mean nothing to an operator
+  // holding a client's x-request-id). Older schedulers send none: then "#<request_id>".
+  std::string trace_id;
+  std::string tag() const { return trace_id.empty() ? absl::StrCat("#", id) : trace_id; }
   std::vector<int32_t> tokens;
   int num_prompt = 0;
   int num_computed = 0;
@@ -82,7 +87,10 @@ std::byte* KvCacheStore::StateData(int layer, bool is_ssm, int slot) {
 
 Engine::Engine(const model::DecoderModel& model, model::KvCache& cache, EngineOptions options,
                transport::KvSender* sender, Emit emit)
-    : model_(model), cache_(cache), options_(options), sender_(sender), emit_(std::move(emit)) {}
+    : model_(model), cache_(cache), options_(options), sender_(sender), emit_(std::move(emit)) {
+  last_iteration_ns_ = std::chrono::steady_clock::now().time_since_epoch().count();
+  PublishCounts();
+}
 
 Engine::~Engine() { Stop(); }
 
@@ -123,17 +131,74 @@ void Engine::Reset() {
 
 int Engine::num_requests() const { return num_requests_.load(); }
 
+std::chrono::steady_clock::time_point Engine::last_iteration() const {
+  return std::chrono::steady_clock::time_point(
+      std::chrono::steady_clock::duration(last_iteration_ns_.load(std::memory_order_relaxed)));
+}
+
+bool Engine::Idle() const {
+  std::lock_guard lock(mu_);
+  return inbox_.empty() && applied_ >= posted_ && num_requests_.load() == 0 &&
+         unflushed_transfers_.load() == 0;
+}
+
 void Engine::Run() {
   while (true) {
+    last_iteration_ns_.store(std::chrono::steady_clock::now().time_since_epoch().count(),
+                             std::memory_order_relaxed);
     {
       std::lock_guard lock(mu_);
       if (stop_) return;
     }
     if (Step()) continue;
     std::unique_lock lock(mu_);
-    // Nothing runnable: wait for a delta (a short timeout also covers transfers finishing).
-    cv_.wait_for(lock, std::chrono::milliseconds(50), [&] { return stop_ || reset_ || !inbox_.empty(); });
+    // Nothing runnable: wait for a delta. The timeout covers transfers finishing and keeps the
+    // heartbeat above fresh for the readiness watchdog.
+    cv_.wait_for(lock, kIdleWake, [&] { return stop_ || reset_ || !inbox_.empty(); });
   }
+}
+
+void Engine::PublishCounts() {
+  const int n = static_cast<int>(seqs_.size());
+  num_requests_ = n;
+  if (options_.metrics == nullptr) return;
+  options_.metrics->SetRunning(n);
+  // Every request of a model with Mamba layers holds one state slot while it is here.
+  options_.metrics->SetStateSlotsUsed(model_.config().has_ssm_state() ? n : 0);
+}
+
+void Engine::Refuse(const Seq& seq, const std::string& why) {
+  CLEAVE_LOG(Warning) << "request " << seq.tag() << ": refused: " << why;
+  v1::WorkerMessage out;
+  auto* f = out.mutable_step()->add_failures();
+  f->set_request_id(seq.id);
+  f->set_attempt(seq.attempt);
+  f->set_message(absl::StrCat("worker refused request: ", why));
+  emit_(std::move(out));
+}
+
+// The prompt's KV is all queued; the transfer completes behind the next iterations, and the
+// scheduler hears KvSent (or the failure) when it does.
+void Engine::FinishTransfer(const Seq& s) {
+  ++unflushed_transfers_;
+  sender_->Finish(s.target, s.id, s.attempt,
+                  [this, id = s.id, attempt = s.attempt, tag = s.tag(), target = s.target](
+                      absl::Status st) {
+                    v1::WorkerMessage msg;
+                    if (st.ok()) {
+                      msg.mutable_kv_sent()->set_request_id(id);
+                      msg.mutable_kv_sent()->set_attempt(attempt);
+                    } else {
+                      CLEAVE_LOG(Warning) << "request " << tag << ": KV transfer to " << target
+                                          << " failed: " << st;
+                      auto* f = msg.mutable_step()->add_failures();
+                      f->set_request_id(id);
+                      f->set_attempt(attempt);
+                      f->set_message(absl::StrCat("KV transfer failed: ", st.message()));
+                    }
+                    emit_(std::move(msg));
+                    --unflushed_transfers_;
+                  });
 }
 
 void Engine::ApplyDeltas() {
@@ -157,7 +222,7 @@ void Engine::ApplyDeltas() {
   }
   for (const auto& m : inbox) Apply(m);
   std::erase_if(order_, [&](uint64_t id) { return !seqs_.contains(id); });
-  num_requests_ = static_cast<int>(seqs_.size());
+  PublishCounts();
   {
     std::lock_guard lock(mu_);
     applied_ = std::max(applied_, taken);
@@ -173,6 +238,7 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
       auto seq = std::make_unique<Seq>();
       seq->id = a.request_id();
       seq->attempt = a.attempt();
+      seq->trace_id = a.trace_id();
       seq->tokens.assign(a.token_ids().begin(), a.token_ids().end());
       seq->num_prompt = std::clamp<int>(a.num_prompt_tokens(), 0, static_cast<int>(seq->tokens.size()));
       seq->num_computed = a.num_computed_tokens();
@@ -205,15 +271,7 @@ void Engine::Apply(const v1::SchedulerMessage& m) {
       }
       const kernels::SamplingParams params = ToParams(a.sampling());
       if (absl::Status s = kernels::ValidateSamplingParams(params); !s.ok()) bad = std::string(s.message());
-      if (!bad.empty()) {
-        v1::WorkerMessage out;
-        auto* f = out.mutable_step()->add_failures();
-        f->set_request_id(seq->id);
-        f->set_attempt(seq->attempt);
-        f->set_message(absl::StrCat("worker refused request: ", bad));
-        emit_(std::move(out));
-        return;
-      }
+      if (!bad.empty()) return Refuse(*seq, bad);
       seq->sampler = std::make_unique<kernels::SamplerState>(params, vocab, params.seed);
       seq->sampler->ObservePrompt(std::span(seq->tokens).first(seq->num_prompt));
       for (size_t i = seq->num_prompt; i < seq->tokens.size(); ++i) seq->sampler->ObserveOutput(seq->tokens[i]);
@@ -301,11 +359,39 @@ absl::Status Engine::ShipLayer(int layer, const std::vector<Seq*>& seqs,
   return absl::OkStatus();
 }
 
+absl::Status Engine::RunLayers(const model::ForwardBatch& batch, const std::vector<Seq*>& members,
+                               const std::vector<std::pair<int, int>>& spans, model::HiddenState& h) {
+  using Clock = std::chrono::steady_clock;
+  const bool ship = options_.role == v1::WORKER_ROLE_PREFILL;
+  // Layer timing is sampled (one step in kLayerSampleEvery), and the unsampled steps read no
+  // clock at all: two clock reads per layer half would cost a few percent of a small decode step.
+  WorkerMetrics* metrics = options_.metrics;
+  const bool timed = metrics != nullptr && steps_ % WorkerMetrics::kLayerSampleEvery == 0;
+  auto observe = [&](int layer, WorkerMetrics::LayerPart part, Clock::time_point since) {
+    if (auto* hist = metrics->LayerSeconds(layer, part)) {
+      hist->Observe(std::chrono::duration<double>(Clock::now() - since).count());
+    }
+  };
+  for (int l = 0; l < model_.config().num_hidden_layers; ++l) {
+    Clock::time_point t0 = timed ? Clock::now() : Clock::time_point{};
+    CLEAVE_RETURN_IF_ERROR(model_.RunMixer(l, batch, cache_, ws_, h));
+    if (timed) observe(l, WorkerMetrics::LayerPart::kMixer, t0);
+    // This layer's KV (or Mamba state) is final for the chunk: ship it while the rest of the
+    // pass runs.
+    if (ship) CLEAVE_RETURN_IF_ERROR(ShipLayer(l, members, spans));
+    if (timed) t0 = Clock::now();
+    CLEAVE_RETURN_IF_ERROR(model_.RunFfn(l, ws_, h));
+    if (timed) observe(l, WorkerMetrics::LayerPart::kFfn, t0);
+  }
+  return absl::OkStatus();
+}
+
 bool Engine::Step() {
   ApplyDeltas();
   if (seqs_.empty()) return false;
   const auto start = std::chrono::steady_clock::now();
   const int bs = cache_.block_size();
+  WorkerMetrics* metrics = options_.metrics;
 
   // Compose: every request with one pending token (decode) first, then prefill chunks in
   // arrival order under the token budget. A request whose blocks can't hold the next token waits.
@@ -325,6 +411,11 @@ bool Engine::Step() {
         ++stalled;
         continue;
       }
+      // A prefill chunk: several pending tokens, or the prompt's last one (a prefix hit that
+      // left one token to compute).
+      if (metrics != nullptr && (pending > 1 || s.num_computed < s.num_prompt)) {
+        metrics->RecordPrefillChunk(n);
+      }
       const bool want_logits = n == pending;
       batch.AddSequence(std::span(s.tokens).subspan(s.num_computed, n), s.num_computed, s.blocks, bs,
                         want_logits, s.state_slot);
@@ -337,32 +428,29 @@ bool Engine::Step() {
 
   v1::WorkerMessage out;
   v1::StepResults* step = out.mutable_step();
-  auto fail_all = [&](const absl::Status& status) {
-    for (Seq* s : members) {
-      if (options_.role == v1::WORKER_ROLE_PREFILL) sender_->Finish(s->target, s->id, s->attempt, [](absl::Status) {});
-      auto* f = step->add_failures();
-      f->set_request_id(s->id);
-      f->set_attempt(s->attempt);
-      f->set_message(std::string(status.message()));
-      seqs_.erase(s->id);
+  auto fail = [&](Seq& s, std::string_view what, const absl::Status& status) {
+    CLEAVE_LOG(Error) << "request " << s.tag() << ": " << what << " failed: " << status;
+    if (options_.role == v1::WORKER_ROLE_PREFILL && !s.finishing) {
+      sender_->Finish(s.target, s.id, s.attempt, [](absl::Status) {});
     }
+    auto* f = step->add_failures();
+    f->set_request_id(s.id);
+    f->set_attempt(s.attempt);
+    f->set_message(std::string(status.message()));
+    seqs_.erase(s.id);
   };
 
+  // The step histogram times forward + sample only; composing is bookkeeping.
+  const auto forward_start = metrics != nullptr ? std::chrono::steady_clock::now() : start;
   absl::Status status = batch.Finalize();
   const bool ship = options_.role == v1::WORKER_ROLE_PREFILL;
   absl::StatusOr<model::HiddenState> h = status.ok() ? model_.Embed(batch, ws_) : absl::StatusOr<model::HiddenState>(status);
   status = h.status();
-  for (int l = 0; status.ok() && l < model_.config().num_hidden_layers; ++l) {
-    status = model_.RunMixer(l, batch, cache_, ws_, *h);
-    // This layer's KV (or Mamba state) is final for the chunk: ship it while the rest of the
-    // pass runs.
-    if (status.ok() && ship) status = ShipLayer(l, members, spans);
-    if (status.ok()) status = model_.RunFfn(l, ws_, *h);
-  }
+  if (status.ok()) status = RunLayers(batch, members, spans, *h);
   if (status.ok()) status = model_.ComputeLogits(batch, ws_, *h, logits_);
+  if (metrics != nullptr) metrics->AddExpertTokens(ws_.expert_tokens);
   if (!status.ok()) {
-    CLEAVE_LOG(Error) << "forward pass failed: " << status;
-    fail_all(status);
+    for (Seq* s : members) fail(*s, "step", status);
   } else {
     const int vocab = model_.config().vocab_size;
     size_t row = 0;
@@ -374,11 +462,7 @@ bool Engine::Step() {
         ++row;
         absl::StatusOr<kernels::SampleResult> sample = kernels::Sample(logits, *s.sampler);
         if (!sample.ok()) {
-          auto* f = step->add_failures();
-          f->set_request_id(s.id);
-          f->set_attempt(s.attempt);
-          f->set_message(std::string(sample.status().message()));
-          seqs_.erase(s.id);
+          fail(s, "sampling", sample.status());
           continue;
         }
         s.sampler->ObserveOutput(sample->token);
@@ -398,24 +482,9 @@ bool Engine::Step() {
         t->set_finished(stop || length);
         t->set_finished_by_length(length);
         if (ship) {
-          // The prompt's KV is all queued; the transfer completes behind the next iterations.
           s.finishing = true;
-          const uint64_t id = s.id;
-          const uint32_t attempt = s.attempt;
-          sender_->Finish(s.target, id, attempt, [this, id, attempt](absl::Status st) {
-            v1::WorkerMessage msg;
-            if (st.ok()) {
-              msg.mutable_kv_sent()->set_request_id(id);
-              msg.mutable_kv_sent()->set_attempt(attempt);
-            } else {
-              auto* f = msg.mutable_step()->add_failures();
-              f->set_request_id(id);
-              f->set_attempt(attempt);
-              f->set_message(absl::StrCat("KV transfer failed: ", st.message()));
-            }
-            emit_(std::move(msg));
-          });
-          seqs_.erase(id);
+          FinishTransfer(s);
+          seqs_.erase(s.id);
         } else if (stop || length) {
           seqs_.erase(s.id);
         }
@@ -424,12 +493,17 @@ bool Engine::Step() {
       }
     }
   }
+  const auto end = std::chrono::steady_clock::now();
+  ++steps_;
+  if (metrics != nullptr) {
+    metrics->RecordStep(std::chrono::duration<double>(end - forward_start).count(),
+                        static_cast<int>(members.size()), options_.max_batch_tokens - budget);
+  }
   std::erase_if(order_, [&](uint64_t id) { return !seqs_.contains(id); });
-  num_requests_ = static_cast<int>(seqs_.size());
+  PublishCounts();
   step->set_num_running(static_cast<int>(seqs_.size()));
   step->set_num_waiting(stalled);
-  step->set_step_micros(std::chrono::duration_cast<std::chrono::microseconds>(
-                            std::chrono::steady_clock::now() - start).count());
+  step->set_step_micros(std::chrono::duration_cast<std::chrono::microseconds>(end - start).count());
   emit_(std::move(out));
   return true;
 }

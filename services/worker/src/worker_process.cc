@@ -2,15 +2,24 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <csignal>
+
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <optional>
 #include <thread>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "cleave/admin/admin_server.h"
 #include "cleave/common/logging.h"
+#include "cleave/common/metrics.h"
 #include "cleave/common/status.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/v1/control.grpc.pb.h"
 #include "cleave/worker/engine.h"
+#include "cleave/worker/worker_metrics.h"
 
 namespace cleave::worker {
 namespace {
@@ -31,11 +40,102 @@ class Link {
     std::lock_guard lock(mu_);
     if (stream_ != nullptr && !stream_->Write(message)) stream_ = nullptr;
   }
+  // Half-closes the stream (the scheduler then ends the call) and drops later writes.
+  void Close() {
+    std::lock_guard lock(mu_);
+    if (stream_ != nullptr) stream_->WritesDone();
+    stream_ = nullptr;
+  }
 
  private:
   std::mutex mu_;
   Stream* stream_ = nullptr;
 };
+
+// Decode role: requests whose KV is expected (ExpectKv) or has landed but whose AddRequest has not
+// arrived yet, with their trace ids. They are work the worker has promised: a drain waits for
+// them, and a transfer failure is logged under the client's request id.
+class InboundTransfers {
+ public:
+  void Expect(uint64_t request_id, std::string trace_id) {
+    std::lock_guard lock(mu_);
+    trace_ids_[request_id] = std::move(trace_id);
+  }
+  // The AddRequest arrived (the engine owns it now), or the request was removed.
+  void Done(uint64_t request_id) {
+    std::lock_guard lock(mu_);
+    trace_ids_.erase(request_id);
+  }
+  void Failed(uint64_t request_id, const std::string& why) {
+    std::string tag = absl::StrCat("#", request_id);
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = trace_ids_.find(request_id); it != trace_ids_.end()) {
+        if (!it->second.empty()) tag = it->second;
+        trace_ids_.erase(it);
+      }
+    }
+    CLEAVE_LOG(Warning) << "request " << tag << ": incoming KV transfer failed: " << why;
+  }
+  void Clear() {
+    std::lock_guard lock(mu_);
+    trace_ids_.clear();
+  }
+  bool empty() const {
+    std::lock_guard lock(mu_);
+    return trace_ids_.empty();
+  }
+
+ private:
+  mutable std::mutex mu_;
+  absl::flat_hash_map<uint64_t, std::string> trace_ids_;
+};
+
+// `http`: "HOST:PORT" or "off" (nullopt).
+absl::StatusOr<std::optional<admin::AdminServerOptions>> ParseHttp(const std::string& http) {
+  if (http == "off") return std::nullopt;
+  const size_t colon = http.rfind(':');
+  admin::AdminServerOptions o;
+  if (colon == std::string::npos || colon == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("worker http must be HOST:PORT or off, got '", http, "'"));
+  }
+  o.host = http.substr(0, colon);
+  if (o.host.size() > 2 && o.host.front() == '[' && o.host.back() == ']') o.host = o.host.substr(1, o.host.size() - 2);
+  int port = -1;
+  if (std::sscanf(http.c_str() + colon + 1, "%d", &port) != 1 || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("worker http: bad port in '", http, "'"));
+  }
+  o.port = port;
+  return o;
+}
+
+// The engine loop is considered stuck past this (it wakes every Engine::kIdleWake when idle).
+constexpr std::chrono::seconds kEngineStallLimit{2};
+
+std::string NotReadyReason(const ShutdownLatch& shutdown, const std::atomic<bool>& stream_up,
+                           const Engine& engine) {
+  if (shutdown.requested()) return "draining";
+  const double age =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - engine.last_iteration()).count();
+  if (age > std::chrono::duration<double>(kEngineStallLimit).count()) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "engine loop stalled for %.1f s", age);
+    return buf;
+  }
+  if (!stream_up.load()) return "not registered with the scheduler";
+  return "";
+}
+
+std::string DrainReason(const ShutdownLatch& shutdown) {
+  switch (shutdown.signal()) {
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGINT:
+      return "SIGINT";
+    default:
+      return "shutdown requested";
+  }
+}
 
 // Models with Mamba layers hold one state slot per request the worker may run.
 int StateSlots(const WorkerProcessOptions& o, const model::ModelConfig& config) {
@@ -61,6 +161,156 @@ absl::StatusOr<int> ModelBlocks(const WorkerProcessOptions& o, const model::Mode
   return std::max<int>(1, static_cast<int>((budget - state) / per_block));
 }
 
+// Set when one scheduler stream has ended; the stream's helper threads wait on it.
+class StreamEnd {
+ public:
+  void Set() {
+    {
+      std::lock_guard lock(mu_);
+      ended_ = true;
+    }
+    cv_.notify_all();
+  }
+  bool ended() const {
+    std::lock_guard lock(mu_);
+    return ended_;
+  }
+  // True when the stream ended within `timeout`.
+  bool WaitFor(std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return ended_; });
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool ended_ = false;
+};
+
+// What every registration of this process shares; outlives each stream.
+struct WorkerContext {
+  const WorkerProcessOptions& options;
+  ShutdownLatch& shutdown;
+  v1::Scheduler::Stub& stub;
+  Engine& engine;
+  transport::KvReceiver* receiver;  // decode role only
+  Link& link;
+  InboundTransfers& inbound;
+  std::atomic<bool>& stream_up;  // readiness: registered and the stream is open
+};
+
+// Heartbeats keep the lease; a lapsed lease ends the stream so that the worker re-registers.
+// They go on through a drain: the scheduler must not expire a worker that is finishing its work.
+void HeartbeatLoop(const WorkerContext& w, uint64_t worker_id, std::chrono::milliseconds period,
+                   grpc::ClientContext& ctx, StreamEnd& end) {
+  while (!end.WaitFor(period)) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(worker_id);
+    v1::HeartbeatResponse hb_reply;
+    grpc::ClientContext hb_ctx;
+    hb_ctx.set_deadline(std::chrono::system_clock::now() + period * 2);
+    grpc::Status hs = w.stub.Heartbeat(&hb_ctx, hb, &hb_reply);
+    if (hs.ok() && !hb_reply.known()) {
+      CLEAVE_LOG(Warning) << "scheduler no longer knows worker " << worker_id << "; re-registering";
+      ctx.TryCancel();
+      return;
+    }
+  }
+}
+
+// On shutdown (SIGTERM): tell the scheduler (Drain), which then places nothing new here; keep
+// serving until the worker holds nothing (no request in the engine, no unflushed outgoing
+// transfer, no incoming one awaiting its AddRequest) or the grace period passes; then half-close
+// the stream. /ready reports "draining" throughout. If the stream ends first, there is nobody
+// left to finish the work for, and the drain ends with it.
+void DrainWhenAsked(const WorkerContext& w, grpc::ClientContext& ctx, StreamEnd& end) {
+  while (!w.shutdown.WaitFor(std::chrono::milliseconds(100))) {
+    if (end.ended()) return;
+  }
+  if (end.ended()) return;
+  const std::string reason = DrainReason(w.shutdown);
+  v1::WorkerMessage drain;
+  drain.mutable_drain()->set_reason(reason);
+  w.link.Write(drain);
+  CLEAVE_LOG(Info) << "draining (" << reason << "): " << w.engine.num_requests()
+                   << " requests held; waiting at most " << w.options.drain_grace_s << " s";
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(w.options.drain_grace_s);
+  bool drained = true;
+  while (!(w.engine.Idle() && w.inbound.empty())) {
+    if (end.WaitFor(std::chrono::milliseconds(50))) return;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      drained = false;
+      break;
+    }
+  }
+  if (drained) {
+    CLEAVE_LOG(Info) << "drained; closing the scheduler stream";
+  } else {
+    CLEAVE_LOG(Warning) << "drain grace of " << w.options.drain_grace_s << " s passed with "
+                        << w.engine.num_requests() << " requests still held; leaving anyway";
+  }
+  w.link.Close();
+  // The scheduler ends the call when it reads the half-close; cancel if it does not.
+  if (!end.WaitFor(std::chrono::seconds(2))) ctx.TryCancel();
+}
+
+void Dispatch(const WorkerContext& w, v1::SchedulerMessage msg) {
+  if (msg.has_expect_kv() && w.receiver) {
+    // The blocks and slot may have belonged to a request removed just before: let the engine
+    // drop it (finish its current step) before anything may write them for the new one.
+    w.engine.WaitForDeltas();
+    const auto& e = msg.expect_kv();
+    w.inbound.Expect(e.request_id(), e.trace_id());
+    w.receiver->Expect(e.request_id(), e.attempt(), {e.blocks().begin(), e.blocks().end()},
+                       e.state_slot());
+    return;
+  }
+  const uint64_t id = msg.has_add()      ? msg.add().request_id()
+                      : msg.has_remove() ? msg.remove().request_id()
+                                         : 0;
+  const bool settles_inbound = msg.has_add() || msg.has_remove();
+  if (msg.has_remove() && w.receiver) w.receiver->Forget(id, msg.remove().attempt());
+  w.engine.Post(std::move(msg));
+  // After the Post, so that a drain never sees the request in neither place.
+  if (settles_inbound) w.inbound.Done(id);
+}
+
+// One registration's stream, until it ends (scheduler gone, lease lapsed, or drained).
+void ServeStream(const WorkerContext& w, const v1::RegisterWorkerResponse& reg) {
+  const uint64_t worker_id = reg.worker_id();
+  grpc::ClientContext ctx;
+  std::unique_ptr<Stream> stream = w.stub.WorkerStream(&ctx);
+  v1::WorkerMessage hello;
+  hello.set_hello_worker_id(worker_id);
+  stream->Write(hello);
+  w.link.Attach(stream.get());
+  w.stream_up = true;
+
+  StreamEnd end;
+  const auto period = std::chrono::milliseconds(std::max(50, reg.heartbeat_ms()));
+  std::thread heartbeat([&] { HeartbeatLoop(w, worker_id, period, ctx, end); });
+  std::thread drain([&] { DrainWhenAsked(w, ctx, end); });
+
+  v1::SchedulerMessage msg;
+  while (stream->Read(&msg)) {
+    Dispatch(w, std::move(msg));
+    msg.Clear();
+  }
+  w.stream_up = false;
+  w.link.Detach();
+  w.engine.Reset();
+  w.inbound.Clear();
+  end.Set();
+  heartbeat.join();
+  drain.join();
+  grpc::Status fs = stream->Finish();
+  if (!w.shutdown.requested()) {
+    CLEAVE_LOG(Warning) << "scheduler stream ended (" << fs.error_message() << "); reconnecting";
+    w.shutdown.WaitFor(std::chrono::milliseconds(300));
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
@@ -72,6 +322,8 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
 }
 
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
+  CLEAVE_ASSIGN_OR_RETURN(const std::optional<admin::AdminServerOptions> http, ParseHttp(o.http));
+  CLEAVE_CHECK_ARG(o.drain_grace_s >= 0, "drain_grace_s must be >= 0");
   if (o.threads > 0) kernels::SetCpuThreads(o.threads);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir));
   model::ModelConfig config = model->config();
@@ -81,8 +333,17 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache,
                           model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend(),
                                                  num_slots));
+  const std::string name = o.name.empty() ? absl::StrCat(v1::WorkerRole_Name(o.role), "@", o.scheduler) : o.name;
+  const std::string model_id = o.model_dir.filename().string();
+
+  // Declared before everything that records to it: the registry must outlive them.
+  metrics::Registry registry;
+  CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<WorkerMetrics> worker_metrics,
+                          WorkerMetrics::Create(registry, {o.role, name, model_id, num_blocks, num_slots},
+                                                config));
   KvCacheStore store(*cache, config);
   Link link;
+  InboundTransfers inbound;
 
   transport::TransportOptions topts;
   topts.listen_host = o.kv_listen_host;
@@ -91,6 +352,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   // Block ids and state slots are the decode worker's: its receiver checks them.
   topts.geometry.num_blocks = 0;
   topts.geometry.num_state_slots = 0;
+  topts.sent_metrics = worker_metrics->sent();
   std::unique_ptr<transport::KvSender> sender;
   if (o.role == v1::WORKER_ROLE_PREFILL) sender = transport::CreateKvSender(topts);
   std::unique_ptr<transport::KvReceiver> receiver;
@@ -102,13 +364,15 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
       m.mutable_kv_ready()->set_attempt(attempt);
       link.Write(m);
     };
-    callbacks.on_failed = [&link](uint64_t id, uint32_t attempt, const std::string& why) {
+    callbacks.on_failed = [&link, &inbound](uint64_t id, uint32_t attempt, const std::string& why) {
+      inbound.Failed(id, why);
       v1::WorkerMessage m;
       m.mutable_kv_failed()->set_request_id(id);
       m.mutable_kv_failed()->set_attempt(attempt);
       m.mutable_kv_failed()->set_message(why);
       link.Write(m);
     };
+    callbacks.metrics = worker_metrics->received();
     CLEAVE_ASSIGN_OR_RETURN(receiver, transport::CreateKvReceiver("tcp", topts, store, callbacks));
   }
 
@@ -116,22 +380,32 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   eopts.role = o.role;
   eopts.max_batch_tokens = o.max_batch_tokens;
   eopts.max_running = o.max_running;
+  eopts.metrics = worker_metrics.get();
   Engine engine(*model, *cache, eopts, sender.get(), [&link](v1::WorkerMessage m) { link.Write(m); });
+
+  std::atomic<bool> stream_up{false};
+  std::unique_ptr<admin::AdminServer> admin_server;  // stopped before the engine it reads goes
+  if (http.has_value()) {
+    auto routes = admin::StandardRoutes(
+        registry, [&] { return NotReadyReason(shutdown, stream_up, engine); });
+    CLEAVE_ASSIGN_OR_RETURN(admin_server, admin::AdminServer::Start(*http, std::move(routes)));
+  }
   std::thread engine_thread([&] { engine.Run(); });
 
   auto channel = grpc::CreateChannel(o.scheduler, grpc::InsecureChannelCredentials());
   auto stub = v1::Scheduler::NewStub(channel);
-  const std::string name = o.name.empty() ? absl::StrCat(v1::WorkerRole_Name(o.role), "@", o.scheduler) : o.name;
   CLEAVE_LOG(Info) << "worker " << name << ": " << num_blocks << " KV blocks of " << o.block_size
                    << " tokens"
                    << (num_slots > 0 ? absl::StrCat(", ", num_slots, " Mamba state slots") : "")
-                   << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "");
+                   << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "")
+                   << (admin_server ? absl::StrCat(", HTTP on ", admin_server->address()) : "");
+  const WorkerContext w{o, shutdown, *stub, engine, receiver.get(), link, inbound, stream_up};
 
   bool registered_once = false;
   while (!shutdown.requested()) {
     v1::RegisterWorkerRequest reg;
     reg.set_role(o.role);
-    reg.set_model_id(o.model_dir.filename().string());
+    reg.set_model_id(model_id);
     reg.set_num_kv_blocks(num_blocks);
     reg.set_block_size(o.block_size);
     reg.set_max_batch_tokens(o.max_batch_tokens);
@@ -142,6 +416,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     reg.set_max_model_len(config.max_position_embeddings);
     reg.set_name(name);
     reg.set_num_state_slots(num_slots);
+    if (admin_server) reg.set_http_address(admin_server->address());
     v1::RegisterWorkerResponse reg_reply;
     grpc::ClientContext reg_ctx;
     reg_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -159,74 +434,10 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
       continue;
     }
     registered_once = true;
-    const uint64_t worker_id = reg_reply.worker_id();
-    CLEAVE_LOG(Info) << "registered with " << o.scheduler << " as worker " << worker_id;
-
-    grpc::ClientContext ctx;
-    std::unique_ptr<Stream> stream = stub->WorkerStream(&ctx);
-    v1::WorkerMessage hello;
-    hello.set_hello_worker_id(worker_id);
-    stream->Write(hello);
-    link.Attach(stream.get());
-
-    // Heartbeats keep the lease; a lapsed lease (or shutdown) ends this stream so we re-register.
-    std::mutex hb_mu;
-    std::condition_variable hb_cv;
-    bool hb_stop = false;
-    std::thread heartbeat([&] {
-      const auto period = std::chrono::milliseconds(std::max(50, reg_reply.heartbeat_ms()));
-      while (true) {
-        {
-          std::unique_lock lock(hb_mu);
-          if (hb_cv.wait_for(lock, period, [&] { return hb_stop; })) return;
-        }
-        if (shutdown.requested()) {
-          ctx.TryCancel();
-          return;
-        }
-        v1::HeartbeatRequest hb;
-        hb.set_worker_id(worker_id);
-        v1::HeartbeatResponse hb_reply;
-        grpc::ClientContext hb_ctx;
-        hb_ctx.set_deadline(std::chrono::system_clock::now() + period * 2);
-        grpc::Status hs = stub->Heartbeat(&hb_ctx, hb, &hb_reply);
-        if (hs.ok() && !hb_reply.known()) {
-          CLEAVE_LOG(Warning) << "scheduler no longer knows worker " << worker_id << "; re-registering";
-          ctx.TryCancel();
-          return;
-        }
-      }
-    });
-
-    v1::SchedulerMessage msg;
-    while (stream->Read(&msg)) {
-      if (msg.has_expect_kv() && receiver) {
-        // The blocks and slot may have belonged to a request removed just before: let the engine
-        // drop it (finish its current step) before anything may write them for the new one.
-        engine.WaitForDeltas();
-        const auto& e = msg.expect_kv();
-        receiver->Expect(e.request_id(), e.attempt(), {e.blocks().begin(), e.blocks().end()},
-                         e.state_slot());
-        continue;
-      }
-      if (msg.has_remove() && receiver) receiver->Forget(msg.remove().request_id(), msg.remove().attempt());
-      engine.Post(std::move(msg));
-      msg.Clear();
-    }
-    link.Detach();
-    engine.Reset();
-    {
-      std::lock_guard lock(hb_mu);
-      hb_stop = true;
-    }
-    hb_cv.notify_all();
-    heartbeat.join();
-    grpc::Status fs = stream->Finish();
-    if (!shutdown.requested()) {
-      CLEAVE_LOG(Warning) << "scheduler stream ended (" << fs.error_message() << "); reconnecting";
-      shutdown.WaitFor(std::chrono::milliseconds(300));
-    }
+    CLEAVE_LOG(Info) << "registered with " << o.scheduler << " as worker " << reg_reply.worker_id();
+    ServeStream(w, reg_reply);
   }
+  if (admin_server) admin_server->Stop();
   engine.Stop();
   engine_thread.join();
   CLEAVE_LOG(Info) << "worker " << name << " stopped";

@@ -181,12 +181,14 @@ class FamilyBase {
   // Finds the child with these label values or creates a recorded one.
   absl::StatusOr<Child*> GetOrCreate(std::vector<std::string> values);
   absl::Status AddCallbackChild(std::vector<std::string> values, std::function<double()> fn);
+  // Appends this family (HELP, TYPE, one block of lines per child in creation order). A family
+  // with no children renders nothing. Calls gauge callbacks with no lock held.
+  virtual void Render(std::string* out) const;
+  void RenderHeader(std::string* out) const;  // the # HELP and # TYPE lines
 
  private:
   friend class cleave::metrics::Registry;
-  // Appends this family (HELP, TYPE, one block of lines per child in creation order). A family
-  // with no children renders nothing. Calls gauge callbacks with no lock held.
-  void Render(std::string* out) const;
+
   absl::Status CheckArity(const std::vector<std::string>& values) const;
   void RenderChild(const Child& child, std::string* out) const;
 
@@ -245,6 +247,14 @@ using CounterFamily = Family<Counter>;
 using GaugeFamily = Family<Gauge>;
 using HistogramFamily = Family<Histogram>;
 
+// One series of a collected family (Registry::AddCollectedFamily): label values in the family's
+// label-name order, and the value.
+struct Sample {
+  std::vector<std::string> label_values;
+  double value = 0;
+};
+using Collector = std::function<std::vector<Sample>()>;
+
 // Ordered label name/value pairs, for AddGaugeCallback.
 using LabelPairs = std::vector<std::pair<std::string, std::string>>;
 
@@ -286,6 +296,17 @@ class Registry {
   // More series for the same family: AddGaugeFamily + AddCallback.
   [[nodiscard]] absl::Status AddGaugeCallback(std::string_view name, std::string_view help,
                                               const LabelPairs& labels, std::function<double()> fn);
+
+  // A counter or gauge family whose series are produced by `collect` at each Render(): for series
+  // that come and go with what they describe (the scheduler's per-worker gauges), read from their
+  // owner's state under the owner's lock rather than mirrored into recorded series that could
+  // never be removed. `collect` runs on the scraping thread with no registry lock held (same
+  // rules as gauge callbacks). Samples of the wrong arity are dropped; of repeated label tuples
+  // the first wins, so the output stays valid whatever `collect` returns.
+  [[nodiscard]] absl::Status AddCollectedFamily(std::string_view name, std::string_view help,
+                                                MetricType type,
+                                                std::vector<std::string> label_names,
+                                                Collector collect);
 
   // The exposition text (format 0.0.4) of every family with at least one series.
   std::string Render() const;

@@ -11,7 +11,8 @@ namespace cleave {
 
 class ShutdownLatch {
  public:
-  // Process-wide latch set by SIGINT/SIGTERM. Call from main() before creating threads.
+  // Process-wide latch set by SIGINT/SIGTERM. Call from main() before creating threads. Threads
+  // that libraries started before main() (OpenBLAS) get the signals redirected to the latch too.
   static ShutdownLatch& InstallSignalHandlers();
 
   void Request();

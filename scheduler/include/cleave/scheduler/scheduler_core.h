@@ -79,6 +79,8 @@ struct SchedulerConfig {
   uint64_t seed = 0x5eed5eed5eed5eedULL;
 };
 
+struct SchedulerMetrics;
+
 struct Outbox {
   std::vector<std::pair<WorkerId, v1::SchedulerMessage>> to_workers;
   std::vector<std::pair<FrontendId, v1::RequestEvent>> to_frontends;
@@ -91,6 +93,8 @@ class SchedulerCore {
   ~SchedulerCore();
 
   const SchedulerConfig& config() const;
+  // Records into `metrics` from now on (null: stop). It must outlive the core or the next call.
+  void SetMetrics(SchedulerMetrics* metrics);
 
   // --- workers -------------------------------------------------------------------------------
   // InvalidArgument for an unusable registration (no blocks, block_size <= 0, unknown role,
@@ -132,6 +136,7 @@ class SchedulerCore {
   bool HasServingCapacity() const;
 
  private:
+  void ScheduleImpl(Clock now);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -18,6 +18,8 @@ namespace cleave::scheduler {
 
 struct SchedulerServerOptions {
   std::string listen = "127.0.0.1:50151";  // port 0 = any free port
+  // HOST:PORT of the HTTP port (/metrics, /health, /ready, /discovery/prometheus); "off" = none.
+  std::string http = "127.0.0.1:0";
   SchedulerConfig config;
 };
 
@@ -26,6 +28,9 @@ class SchedulerServer {
   static absl::StatusOr<std::unique_ptr<SchedulerServer>> Start(const SchedulerServerOptions& options);
   ~SchedulerServer();
   int port() const;
+  int http_port() const;  // 0 when the HTTP port is off
+  // Health NOT_SERVING and /ready 503 from now on; the service keeps running until Shutdown().
+  void Drain();
   void Shutdown();
 
  private:

@@ -3,8 +3,10 @@
 // bidirectional stream to the scheduler, multiplexing every request of this frontend).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -27,6 +29,12 @@ struct EngineEvent {
   bool finished_by_length = false;
   absl::Status error;           // last event when not ok (RESOURCE_EXHAUSTED: retry_after_s)
   int retry_after_s = 0;
+  // For the request's timeline (request_done log line): when the SubmitRequest went onto the
+  // scheduler stream (on every event once known; default-constructed before), when this event
+  // was read from it, and the scheduler's phase timings where the event carries them.
+  std::chrono::steady_clock::time_point submitted_at{};
+  std::chrono::steady_clock::time_point received_at{};
+  std::optional<v1::PhaseTimings> timings;
 };
 
 class EngineClient {

@@ -16,6 +16,7 @@
 namespace cleave::frontend {
 
 class ChatTemplate;
+class FrontendLifecycle;
 class FrontendMetrics;
 
 // The served model as clients see it (GET /v1/models, gRPC ListModels).
@@ -39,6 +40,9 @@ struct FrontendContext {
   std::vector<int32_t> eos_token_ids;
   // Where requests are counted and timed (GET /metrics); null = not recorded (tests).
   FrontendMetrics* metrics = nullptr;
+  // Admits generation requests and refuses them once a drain began (lifecycle.h); null = always
+  // admit (tests).
+  FrontendLifecycle* lifecycle = nullptr;
 };
 
 struct LoadFrontendModelOptions {

@@ -16,6 +16,9 @@ namespace cleave::frontend {
 
 // Why a generation ended, as counted by cleave_frontend_requests_finished_total.
 enum class EndReason { kStop, kLength, kError, kCancelled };
+// The frontend's own parts of a request's time to first token
+// (cleave_frontend_request_phase_seconds{phase}; see request_log.h for where each starts and ends).
+enum class RequestPhase { kFrontendIn, kFrontendOut };
 
 class FrontendMetrics {
  public:
@@ -38,6 +41,9 @@ class FrontendMetrics {
   metrics::Histogram& max_tokens_param() { return *max_tokens_; }
   metrics::Histogram& n_param() { return *n_; }
   metrics::Counter& client_disconnects() { return *disconnects_; }
+  metrics::Histogram& request_phase(RequestPhase phase) { return *phases_[static_cast<int>(phase)]; }
+  // 1 from SIGTERM until the process exits (new generations refused, in-flight ones finishing).
+  metrics::Gauge& draining() { return *draining_; }
 
  private:
   FrontendMetrics() = default;
@@ -58,6 +64,8 @@ class FrontendMetrics {
   metrics::Histogram* max_tokens_ = nullptr;
   metrics::Histogram* n_ = nullptr;
   metrics::Counter* disconnects_ = nullptr;
+  std::array<metrics::Histogram*, 2> phases_{};
+  metrics::Gauge* draining_ = nullptr;
 };
 
 }  // namespace cleave::frontend

@@ -28,6 +28,9 @@ struct PreparedRequest {
   std::vector<int32_t> prompt_ids;
   std::string prompt_text;  // the text the prompt ids decode to / were encoded from (echo)
   int max_tokens = 0;       // resolved (ValidatePromptFits)
+  // The client-visible request id (x-request-id), sent as SubmitRequest.trace_id so that the
+  // scheduler's and workers' log lines name it too. Set by the API layer after PrepareRequest.
+  std::string trace_id;
 };
 
 // ValidateGenerationParams, then the chat template (chat) or tokenization (text prompt), then
@@ -39,6 +42,20 @@ struct PreparedRequest {
 // ids go into stop_token_ids unless ignore_eos: the workers stop on exactly those ids.
 v1::SubmitRequest BuildSubmitRequest(const FrontendContext& ctx, const GenerationParams& params,
                                      const PreparedRequest& prepared, int choice_index);
+
+// Where one choice's time went, as far as the frontend sees it (the request_done log line).
+// Time points are default-constructed until reached; scheduler phases are -1 until reported.
+struct ChoiceTrace {
+  std::chrono::steady_clock::time_point submitted{};             // SubmitRequest on the stream
+  std::chrono::steady_clock::time_point first_token_received{};  // its first token read back
+  // The scheduler's PhaseTimings (control.proto), microseconds: queue and prefill from the event
+  // with the first token, the rest from the final event; a later report overrides an earlier.
+  int64_t queue_us = -1;
+  int64_t prefill_us = -1;
+  int64_t kv_transfer_us = -1;
+  int64_t decode_queue_us = -1;
+  int64_t first_decode_step_us = -1;
+};
 
 enum class FinishReason { kNone, kStop, kLength };
 const char* FinishReasonName(FinishReason reason);  // "stop", "length", "" for kNone
@@ -98,6 +115,8 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   void Cancel();
 
   bool done() const;
+  // The choice's timeline so far. Thread-safe; not from inside the sink (it holds the lock).
+  ChoiceTrace trace() const;
 
   // Private to Start (public for make_shared).
   struct Private {};
@@ -106,6 +125,7 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
 
  private:
   void OnEvent(const EngineEvent& event);
+  void TraceEvent(const EngineEvent& event);  // under mu_
   // Builds the update for event's tokens; sets *stop_matched when a stop string ended the text.
   GenerationUpdate ConsumeTokens(const EngineEvent& event, bool* stop_matched);
   // The token's own text following `prev` (see TopLogprob::text).
@@ -132,6 +152,7 @@ class GenerationStream : public std::enable_shared_from_this<GenerationStream> {
   std::chrono::steady_clock::time_point start_;
   std::chrono::steady_clock::time_point last_token_;
   bool first_token_seen_ = false;
+  ChoiceTrace trace_;
   void RecordTokens(size_t n);                 // under mu_
   void RecordEnd(const GenerationUpdate& u);   // under mu_, once, with the last update
 };

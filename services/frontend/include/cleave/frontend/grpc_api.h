@@ -2,6 +2,9 @@
 // standard grpc.health.v1.Health service and server reflection. Requests go through the same
 // validator and generation pipeline as the HTTP API (generation_params.h, generation.h); the
 // callback API keeps a streaming request to a reactor, not a thread.
+// Generate takes the client's x-request-id metadata (request_log.h) and sends the id back in the
+// initial metadata and as GenerateResponse.request_id; while the frontend drains it answers
+// UNAVAILABLE.
 #pragma once
 
 #include <memory>
@@ -19,6 +22,10 @@ class GrpcApiServer {
                                                               FrontendContext& ctx);
   ~GrpcApiServer();
   int port() const;
+  // grpc.health.v1.Health of every service ("" and cleave.v1.Generation): SERVING from Start,
+  // NOT_SERVING once a drain begins. Thread-safe.
+  void SetServing(bool serving);
+  // Stops taking calls; calls still running get 2 s, then are cancelled. Idempotent.
   void Stop();
 
   struct Impl;

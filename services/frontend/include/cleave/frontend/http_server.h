@@ -5,7 +5,11 @@
 //   POST /v1/completions, POST /v1/chat/completions   (stream: SSE "data: {...}\n\n" ... "[DONE]")
 //   GET  /v1/models
 //   POST /tokenize, POST /detokenize                  (vLLM's shapes)
-//   GET  /health  (200 while the process lives), GET /ready (200 iff engine->Ready(), else 503)
+//   GET  /health  (200 while the process lives), GET /ready (200 iff engine->Ready() and not
+//   draining, else 503). While the frontend drains (lifecycle.h) the generation routes answer 503
+//   with Retry-After; every other route keeps answering.
+// Generation responses carry an x-request-id header (request_log.h), and each request leaves one
+// request_done log line.
 //   GET  /debug/kv (engine->Stats() as JSON: per-worker free/used/cached blocks)
 // Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}.
 //

@@ -24,7 +24,29 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
+namespace cleave::metrics {
+class Counter;
+class Histogram;
+}  // namespace cleave::metrics
+
 namespace cleave::transport {
+
+// Where a sender or receiver counts its transfers (the worker's metrics registry owns them and
+// outlives the transport). Any member may be null, and an all-null struct (the default) turns the
+// accounting off. A transfer is one (request_id, attempt):
+//   bytes    payload bytes (KV blocks, state) of every frame handed over / written into the store
+//   seconds  sender: first SendLayer/SendState -> its Finish's `done` OK; receiver: Expect ->
+//            on_ready (observed for successful transfers only)
+//   ok       sender: Finish's `done` OK; receiver: on_ready
+//   failed   sender: `done` with an error (transfers that never sent a frame are not counted);
+//            receiver: on_failed (Forget is a cancellation, not a failure: not counted)
+struct TransferMetrics {
+  metrics::Counter* bytes = nullptr;
+  metrics::Histogram* seconds = nullptr;
+  metrics::Counter* ok = nullptr;
+  metrics::Counter* failed = nullptr;
+  bool enabled() const { return bytes || seconds || ok || failed; }
+};
 
 // Shape of the KV both sides must agree on. Per layer, one block of K (and one of V) is
 // block_bytes() contiguous bytes: f32 [block_size, num_kv_heads, head_dim].
@@ -122,6 +144,8 @@ struct ReceiverCallbacks {
   // A frame for this transfer broke the agreement (unknown block, wrong layer, short data, or
   // the sender's connection dropped mid-transfer). The transfer is forgotten.
   std::function<void(uint64_t request_id, uint32_t attempt, const std::string& why)> on_failed;
+  // Received-direction accounting (see TransferMetrics); off by default.
+  TransferMetrics metrics = {};
 };
 
 // Accepts transfers into a KvBlockStore. Thread-safe.
@@ -158,6 +182,8 @@ struct TransportOptions {
   // unusable (num_layers == 0, or a KV / state layer without its sizes): SendLayer / SendState
   // fail with FailedPrecondition.
   KvGeometry geometry;
+  // Senders only: sent-direction accounting (see TransferMetrics); off by default.
+  TransferMetrics sent_metrics = {};
 };
 
 // The sender for every address scheme above.

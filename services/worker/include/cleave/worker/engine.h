@@ -11,9 +11,14 @@
 // soon as that layer is done (per chunk; a Mamba layer's state after the prompt's last chunk), samples the first token, then forgets the request once
 // the transfer is flushed; DECODE runs requests whose KV was transferred in; COLOCATED runs both
 // phases (mixed batches: decode tokens plus prefill chunks).
+//
+// Observability: with EngineOptions::metrics set, each iteration records the worker_metrics.h
+// step, chunk, gauge and expert series (and, one step in 64, per-layer times); every log line
+// about a request names it by AddRequest.trace_id, the client-visible request id.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -29,10 +34,15 @@
 
 namespace cleave::worker {
 
+class WorkerMetrics;
+
 struct EngineOptions {
   v1::WorkerRole role = v1::WORKER_ROLE_COLOCATED;
   int max_batch_tokens = 512;  // tokens per iteration (decode tokens + prefill chunk tokens)
   int max_running = 256;
+  // Where the engine records its step, layer and expert series; not owned, must outlive the
+  // engine. Null = no metrics (no clock reads or atomics beyond the step's own timing).
+  WorkerMetrics* metrics = nullptr;
 };
 
 // Adapter giving the KV transport direct access to the cache memory.
@@ -65,7 +75,8 @@ class Engine {
   // The decode worker calls it before accepting a transfer into blocks or a slot the scheduler
   // may have just taken from a removed request.
   void WaitForDeltas();
-  // Runs iterations until Stop(); sleeps while there is nothing to do.
+  // Runs iterations until Stop(); sleeps while there is nothing to do, but wakes at least every
+  // kIdleWake so that last_iteration() keeps advancing while the loop is healthy.
   void Run();
   void Stop();
   // Drops every request (the scheduler connection was lost; its state is gone with it).
@@ -77,12 +88,28 @@ class Engine {
 
   int num_requests() const;
 
+  // Thread-safe. When Run() last started an iteration (or the engine was built): a watchdog
+  // reads it, and a loop stuck in one step (or dead) shows as a growing age.
+  std::chrono::steady_clock::time_point last_iteration() const;
+  // Thread-safe. Nothing left to do: no request held, no delta waiting to be applied, and (the
+  // PREFILL role) every finished request's KV transfer flushed. A draining worker exits then.
+  bool Idle() const;
+
+  static constexpr std::chrono::milliseconds kIdleWake{50};
+
  private:
   struct Seq;
   using Key = std::pair<uint64_t, uint32_t>;
 
   void ApplyDeltas();
+  void Refuse(const Seq& seq, const std::string& why);
+  void FinishTransfer(const Seq& seq);
+  void PublishCounts();  // num_requests_ and the engine's gauges
   void Apply(const v1::SchedulerMessage& message);
+  // The mixer and FFN of every layer (shipping each layer's KV on the PREFILL role), timing
+  // them on sampled steps.
+  absl::Status RunLayers(const model::ForwardBatch& batch, const std::vector<Seq*>& members,
+                         const std::vector<std::pair<int, int>>& spans, model::HiddenState& h);
   absl::Status ShipLayer(int layer, const std::vector<Seq*>& seqs,
                          const std::vector<std::pair<int, int>>& spans);
   absl::Status ShipState(int layer, const std::vector<Seq*>& seqs,
@@ -107,6 +134,9 @@ class Engine {
   absl::flat_hash_map<uint64_t, std::unique_ptr<Seq>> seqs_;  // by request id
   std::vector<uint64_t> order_;                                 // arrival order
   std::atomic<int> num_requests_{0};
+  std::atomic<int> unflushed_transfers_{0};  // PREFILL: Finish called, `done` not yet run
+  std::atomic<int64_t> last_iteration_ns_{0};  // steady_clock, since its epoch
+  uint64_t steps_ = 0;                         // iterations that ran a batch (layer sampling)
   model::Workspace ws_;
   std::vector<float> logits_;
 };
