@@ -10,10 +10,10 @@ failed=0
 ok() { passed=$((passed + 1)); echo "ok: $1"; }
 bad() { failed=$((failed + 1)); echo "FAIL: $1"; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-HTTP=$(port); GRPC=$(port); SCHED=$(port)
+HTTP=$(port); GRPC=$(port); SCHED=$(port); SHTTP=$(port)
 cat > "$TMP/c.yaml" <<YAML
 model: models/stories260K
-scheduler: {listen: "127.0.0.1:$SCHED"}
+scheduler: {listen: "127.0.0.1:$SCHED", http: "127.0.0.1:$SHTTP"}
 workers:
   - {role: prefill, kv_blocks: 256, threads: 1}
   - {role: decode, kv_blocks: 256, threads: 1}
@@ -45,6 +45,19 @@ code=$(curl -s -o "$TMP/e" -w '%{http_code}' -X POST "$URL/v1/completions" -H 'C
 out=$(curl -s -X POST "$URL/v1/completions" -H 'Content-Type: application/json' -d "$body")
 [[ "$out" == *'"text_completion"'* ]] && ok "served after the bad request" || bad "after bad: $out"
 
+# Every process's /metrics passes promtool: the frontend, the scheduler, each discovered worker.
+if command -v promtool >/dev/null; then
+  targets="127.0.0.1:$HTTP 127.0.0.1:$SHTTP $(curl -s "http://127.0.0.1:$SHTTP/discovery/prometheus" |
+    python3 -c 'import json,sys; print(" ".join(t for g in json.load(sys.stdin) for t in g["targets"]))')"
+  n=0
+  for t in $targets; do
+    curl -s "http://$t/metrics" | promtool check metrics >"$TMP/lint" 2>&1 && n=$((n + 1)) || cat "$TMP/lint"
+  done
+  [[ $n == 4 ]] && ok "promtool accepts the metrics of all 4 processes" || bad "promtool: $n of 4 ($targets)"
+else
+  bad "promtool not installed (scripts/install-deps.sh installs the prometheus package)"
+fi
+
 used=$(curl -s "$URL/debug/kv" | python3 -c 'import json,sys; print(sum(w["used_blocks"] for w in json.load(sys.stdin)["workers"]))')
 [[ "$used" == 0 ]] && ok "no KV blocks in use when idle" || bad "used blocks: $used"
 
@@ -55,5 +68,10 @@ if kill -0 $PID 2>/dev/null; then bad "serve still running 30 s after SIGTERM"; 
 fi
 left=$(pgrep -f "127.0.0.1:$SCHED" | wc -l)
 [[ "$left" == 0 ]] && ok "no process left behind" || bad "$left processes left"
+# Two roles on one fixed port: refused before anything starts.
+sed "s/http: \"127.0.0.1:$SHTTP\"/http: \"127.0.0.1:$HTTP\"/" "$TMP/c.yaml" > "$TMP/clash.yaml"
+"$CLEAVE" serve --config "$TMP/clash.yaml" >/dev/null 2>"$TMP/clash.err"; rc=$?
+[[ $rc != 0 ]] && grep -q "port conflict" "$TMP/clash.err" && ok "a port clash is a config error" \
+  || bad "port clash: rc $rc, $(cat "$TMP/clash.err")"
 echo "serve_test: $passed passed, $failed failed"
 [[ $failed == 0 ]]

@@ -9,8 +9,8 @@
 //   cleave_worker_step_tokens{role}                           tokens computed in one iteration
 //   cleave_worker_prefill_chunk_tokens{role}                  size of each prefill chunk run
 //   cleave_worker_running_requests{role}                      requests the engine holds
-//   cleave_worker_kv_blocks{role}                       KV blocks in this worker's pool
-//   cleave_worker_state_slots{role}, ..._used{role}     Mamba state slots (0: no Mamba layer)
+//   cleave_worker_kv_blocks{role}                             KV blocks in this worker's pool
+//   cleave_worker_state_slots{role}, ..._used{role}           Mamba state slots (0: no Mamba layer)
 //   cleave_worker_kv_transfer_bytes_total{role,direction}     payload bytes, direction sent|received
 //   cleave_worker_kv_transfer_seconds{role,direction}         per transfer: sender first frame ->
 //                                                             flushed; receiver Expect -> ready
