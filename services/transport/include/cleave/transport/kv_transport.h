@@ -184,6 +184,11 @@ struct TransportOptions {
   KvGeometry geometry;
   // Senders only: sent-direction accounting (see TransferMetrics); off by default.
   TransferMetrics sent_metrics = {};
+  // The cluster secret that authenticates TCP connections (both sides must hold the same bytes;
+  // empty = no authentication). A peer that cannot prove it is refused before any frame.
+  std::string secret;
+  // Receivers: the host peers must dial (address() reports it); empty = listen_host.
+  std::string advertise_host;
 };
 
 // The sender for every address scheme above.

@@ -39,6 +39,14 @@ struct WorkerProcessOptions {
   std::string http = "127.0.0.1:0";
   // SIGTERM: stop taking requests, finish the ones held for at most this long, then exit.
   int drain_grace_s = 30;
+  // Security (see README "Deploy on Kubernetes"): the KV transport's cluster secret (file contents;
+  // empty = off), the host decode peers dial for KV (empty = kv_listen_host), and mTLS files for
+  // the scheduler channel (all empty = plaintext).
+  std::string kv_secret;
+  std::string kv_advertise_host;
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role);
