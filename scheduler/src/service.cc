@@ -13,6 +13,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
+#include "cleave/common/tls.h"
 #include "cleave/v1/control.grpc.pb.h"
 #include "scheduler_http.h"
 
@@ -31,6 +32,19 @@ std::string ReachableAddress(const std::string& address, const std::string& peer
   const size_t port = peer.rfind(':');
   if (kind == std::string::npos || port == kind) return address;
   return peer.substr(kind + 1, port - kind - 1) + address.substr(colon);
+}
+
+// Plaintext, or TLS that requires and verifies a client certificate signed by the CA: only
+// workers and frontends of this cluster reach the control plane.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const SchedulerServerOptions& o) {
+  absl::StatusOr<std::optional<tls::TlsPem>> pem =
+      tls::LoadTlsPem({o.tls_ca_file, o.tls_cert_file, o.tls_key_file});
+  if (!pem.ok()) return pem.status();
+  if (!pem->has_value()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = (*pem)->ca;
+  ssl.pem_key_cert_pairs.push_back({(*pem)->key, (*pem)->cert});
+  return grpc::SslServerCredentials(ssl);
 }
 
 Clock NowMs() {
@@ -277,6 +291,8 @@ void SchedulerServer::Drain() {
 }
 
 absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const SchedulerServerOptions& options) {
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> creds = ServerCredentials(options);
+  if (!creds.ok()) return creds.status();
   auto impl = std::make_unique<Impl>();
   impl->service = std::make_unique<SchedulerServiceImpl>(options.config);
   SchedulerServiceImpl* service = impl->service.get();
@@ -294,11 +310,12 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(options.listen, *creds, &impl->port);
   builder.RegisterService(impl->service.get());
   impl->server = builder.BuildAndStart();
   if (!impl->server || impl->port == 0) {
-    return absl::UnavailableError(absl::StrCat("scheduler cannot listen on ", options.listen));
+    return absl::UnavailableError(absl::StrCat("scheduler cannot listen on ", options.listen,
+                                               options.tls_cert_file.empty() ? "" : " (or its TLS key / certificate is invalid)"));
   }
   return std::unique_ptr<SchedulerServer>(new SchedulerServer(std::move(impl)));
 }
@@ -316,6 +333,7 @@ absl::Status RunScheduler(const SchedulerServerOptions& options, ShutdownLatch& 
   auto server = SchedulerServer::Start(options);
   if (!server.ok()) return server.status();
   CLEAVE_LOG(Info) << "scheduler listening on port " << (*server)->port()
+                   << (options.tls_cert_file.empty() ? " (plaintext)" : " (mutual TLS)")
                    << ((*server)->http_port() > 0 ? absl::StrCat(", HTTP (metrics, health) on port ",
                                                                  (*server)->http_port())
                                                   : "");

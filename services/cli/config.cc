@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <filesystem>
 #include <set>
 #include <vector>
 
@@ -27,10 +28,23 @@ void Read(const YAML::Node& node, const char* key, T& out) {
   if (node[key]) out = node[key].as<T>();
 }
 
-absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
+absl::StatusOr<ServeConfig> Parse(const YAML::Node& root, const std::string& base_dir) {
   ServeConfig c = DefaultServeConfig();
-  if (auto s = CheckKeys(root, "the config", {"model", "scheduler", "workers", "frontend"}); !s.ok()) return s;
+  if (auto s = CheckKeys(root, "the config", {"model", "scheduler", "workers", "frontend", "tls", "kv_secret_file"});
+      !s.ok()) {
+    return s;
+  }
   Read(root, "model", c.model);
+  if (YAML::Node t = root["tls"]) {
+    if (auto st = CheckKeys(t, "tls", {"ca_file", "cert_file", "key_file"}); !st.ok()) return st;
+    Read(t, "ca_file", c.tls.ca_file);
+    Read(t, "cert_file", c.tls.cert_file);
+    Read(t, "key_file", c.tls.key_file);
+    if (absl::Status st = tls::ValidateTlsFiles(c.tls, "tls"); !st.ok()) return st;
+    for (std::string* f : {&c.tls.ca_file, &c.tls.cert_file, &c.tls.key_file}) *f = ResolvePath(*f, base_dir);
+  }
+  Read(root, "kv_secret_file", c.kv_secret_file);
+  c.kv_secret_file = ResolvePath(c.kv_secret_file, base_dir);
   if (YAML::Node s = root["scheduler"]) {
     if (auto st = CheckKeys(s, "scheduler", {"listen", "policy", "max_waiting", "max_waiting_tokens",
                                              "retry_after_s", "lease_ms", "heartbeat_ms", "prefix_cache",
@@ -61,7 +75,7 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
     for (const YAML::Node& w : ws) {
       if (auto st = CheckKeys(w, "a worker group", {"role", "replicas", "kv_blocks", "kv_cache_mb", "block_size",
                                                    "max_batch_tokens", "max_running", "threads", "kv_listen_host", "http",
-                                                   "drain_grace_s"});
+                                                   "drain_grace_s", "kv_advertise_host"});
           !st.ok()) {
         return st;
       }
@@ -79,6 +93,7 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
       Read(w, "max_running", g.options.max_running);
       Read(w, "threads", g.options.threads);
       Read(w, "kv_listen_host", g.options.kv_listen_host);
+      Read(w, "kv_advertise_host", g.options.kv_advertise_host);
       Read(w, "http", g.options.http);
       Read(w, "drain_grace_s", g.options.drain_grace_s);
       if (g.replicas < 1) return absl::InvalidArgumentError("workers[].replicas must be at least 1");
@@ -87,9 +102,14 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root) {
     }
   }
   if (YAML::Node f = root["frontend"]) {
-    if (auto st = CheckKeys(f, "frontend", {"http", "grpc", "threads", "max_body_bytes", "drain_grace_s"}); !st.ok()) {
+    if (auto st = CheckKeys(f, "frontend", {"http", "grpc", "threads", "max_body_bytes", "drain_grace_s",
+                                            "api_keys_file", "admin_http"});
+        !st.ok()) {
       return st;
     }
+    Read(f, "api_keys_file", c.frontend.api_keys_file);
+    c.frontend.api_keys_file = ResolvePath(c.frontend.api_keys_file, base_dir);
+    Read(f, "admin_http", c.frontend.admin_http);
     Read(f, "http", c.frontend.http);
     Read(f, "grpc", c.frontend.grpc);
     Read(f, "threads", c.frontend.threads);
@@ -150,6 +170,7 @@ absl::Status ValidatePorts(const ServeConfig& c) {
   CLEAVE_RETURN_IF_ERROR(Claim(ranges, "scheduler.http", c.scheduler.http, true));
   CLEAVE_RETURN_IF_ERROR(Claim(ranges, "frontend.http", c.frontend.http, false));
   CLEAVE_RETURN_IF_ERROR(Claim(ranges, "frontend.grpc", c.frontend.grpc, true));
+  CLEAVE_RETURN_IF_ERROR(Claim(ranges, "frontend.admin_http", c.frontend.admin_http, true));
   for (size_t i = 0; i < c.workers.size(); ++i) {
     CLEAVE_RETURN_IF_ERROR(Claim(ranges, absl::StrCat("workers[", i, "].http"), c.workers[i].options.http, true,
                                  c.workers[i].replicas));
@@ -186,9 +207,16 @@ ServeConfig DefaultServeConfig() {
   return c;
 }
 
+std::string ResolvePath(const std::string& path, const std::string& base_dir) {
+  if (path.empty()) return path;
+  std::filesystem::path p(path);
+  if (p.is_relative()) p = base_dir.empty() ? std::filesystem::absolute(p) : std::filesystem::path(base_dir) / p;
+  return p.lexically_normal().string();
+}
+
 absl::StatusOr<ServeConfig> LoadServeConfig(const std::string& path) {
   try {
-    return Parse(YAML::LoadFile(path));
+    return Parse(YAML::LoadFile(path), std::filesystem::absolute(path).parent_path().string());
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("config ", path, ": ", e.what()));
   }

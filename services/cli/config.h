@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "cleave/common/tls.h"
 #include "cleave/scheduler/service.h"
 #include "cleave/worker/worker_process.h"
 
@@ -25,6 +26,11 @@ struct FrontendConfig {
   // SIGTERM: new generation requests get 503 at once; those in flight get this long to finish
   // before they are cancelled and the process exits.
   int drain_grace_s = 30;
+  // Client API keys, one per line (api_keys.h); "" = none unless CLEAVE_API_KEYS names some.
+  std::string api_keys_file;
+  // HOST:PORT of an admin listener without API keys (/metrics, /health, /ready, /debug/kv), to be
+  // bound to an internal address; "off" = none.
+  std::string admin_http = "off";
 };
 
 struct ServeConfig {
@@ -32,11 +38,20 @@ struct ServeConfig {
   scheduler::SchedulerServerOptions scheduler;
   std::vector<WorkerGroup> workers;
   FrontendConfig frontend;
+  // Mutual TLS on internal gRPC for every role of the config (the top-level `tls:` section);
+  // all empty = plaintext.
+  tls::TlsFiles tls;
+  // The KV transport's cluster secret (a file of >= 32 bytes); "" = unauthenticated transport.
+  std::string kv_secret_file;
 };
 
 // Unknown keys are errors (a typo must not silently fall back to a default), and so are fixed
-// ports that collide (see ValidatePorts).
+// ports that collide (see ValidatePorts) and a `tls:` section without all three files. Relative
+// file paths (tls.*, kv_secret_file, frontend.api_keys_file) are resolved against the config
+// file's directory; the files themselves are read by the process that uses them, at its start.
 absl::StatusOr<ServeConfig> LoadServeConfig(const std::string& path);
+// `path` made absolute: relative paths are relative to `base_dir` ("" = the working directory).
+std::string ResolvePath(const std::string& path, const std::string& base_dir = "");
 // Every address must be HOST:PORT ("off" where a port may be disabled), and no two fixed ports
 // may coincide: the scheduler's two, the frontend's two, and each worker group's HTTP range
 // [port, port + replicas) (replica r listens on port + r; port 0 = any free port, never checked).

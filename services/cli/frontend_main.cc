@@ -1,9 +1,13 @@
 #include "frontend_main.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <map>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/admin/admin_server.h"
 #include "cleave/common/logging.h"
+#include "cleave/frontend/api_keys.h"
 #include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/grpc_api.h"
 #include "cleave/frontend/http_server.h"
@@ -33,6 +37,23 @@ void Drain(frontend::FrontendLifecycle& lifecycle, frontend::FrontendMetrics& me
   }
 }
 
+// The admin listener: the frontend's /metrics, /health, and /ready and /debug/kv answered as the
+// API port answers them, with no API key. `ctx` must outlive the server.
+absl::StatusOr<std::unique_ptr<admin::AdminServer>> StartAdmin(const std::string& address,
+                                                               const frontend::FrontendContext& ctx,
+                                                               const frontend::FrontendMetrics& metrics) {
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
+  if (!hp.ok()) return hp.status();
+  std::map<std::string, admin::AdminHandler> routes = admin::StandardRoutes(metrics.registry(), [] { return ""; });
+  for (const char* path : {"/ready", "/debug/kv"}) {
+    routes[path] = [&ctx, path] {
+      frontend::GetAnswer a = frontend::AnswerGet(ctx, path);
+      return admin::AdminResponse{a.status, a.content_type, std::move(a.body)};
+    };
+  }
+  return admin::AdminServer::Start({hp->first, hp->second}, std::move(routes));
+}
+
 }  // namespace
 
 absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
@@ -41,8 +62,17 @@ absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
   absl::StatusOr<std::pair<std::string, int>> http = SplitHostPort(o.frontend.http);
   if (!http.ok()) return http.status();
 
-  std::unique_ptr<frontend::SchedulerClient> engine = frontend::SchedulerClient::Create(o.scheduler);
+  // Credentials first: a missing file or key stops the start before anything listens.
+  absl::StatusOr<std::optional<tls::TlsPem>> tls_pem = tls::LoadTlsPem(o.tls);
+  if (!tls_pem.ok()) return tls_pem.status();
+  const char* env_keys = std::getenv("CLEAVE_API_KEYS");
+  absl::StatusOr<frontend::ApiKeys> api_keys =
+      frontend::ApiKeys::Load(o.frontend.api_keys_file, env_keys != nullptr ? env_keys : "");
+  if (!api_keys.ok()) return api_keys.status();
+
+  std::unique_ptr<frontend::SchedulerClient> engine = frontend::SchedulerClient::Create(o.scheduler, *tls_pem);
   frontend::FrontendContext ctx = (*model)->MakeContext(engine.get());
+  ctx.api_keys = &*api_keys;
   // Declared before the servers: they record into it until they stop.
   absl::StatusOr<std::unique_ptr<frontend::FrontendMetrics>> metrics = frontend::FrontendMetrics::Create();
   if (!metrics.ok()) return metrics.status();
@@ -59,18 +89,27 @@ absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
   if (!server.ok()) return server.status();
   std::unique_ptr<frontend::GrpcApiServer> grpc_api;
   if (o.frontend.grpc != "off") {
-    absl::StatusOr<std::unique_ptr<frontend::GrpcApiServer>> g = frontend::GrpcApiServer::Start(o.frontend.grpc, ctx);
+    absl::StatusOr<std::unique_ptr<frontend::GrpcApiServer>> g = frontend::GrpcApiServer::Start(o.frontend.grpc, ctx, *tls_pem);
     if (!g.ok()) return g.status();
     grpc_api = std::move(*g);
   }
+  std::unique_ptr<admin::AdminServer> admin_server;
+  if (o.frontend.admin_http != "off") {
+    absl::StatusOr<std::unique_ptr<admin::AdminServer>> a = StartAdmin(o.frontend.admin_http, ctx, **metrics);
+    if (!a.ok()) return a.status();
+    admin_server = std::move(*a);
+  }
   CLEAVE_LOG(Info) << "frontend: model " << ctx.model.id << ", HTTP on " << http->first << ":" << (*server)->port()
-                   << (grpc_api ? absl::StrCat(", gRPC on port ", grpc_api->port()) : "") << ", scheduler "
-                   << o.scheduler;
+                   << (grpc_api ? absl::StrCat(", gRPC on port ", grpc_api->port()) : "")
+                   << (admin_server ? absl::StrCat(", admin HTTP on ", admin_server->address()) : "") << ", scheduler "
+                   << o.scheduler << (*tls_pem ? " (mutual TLS)" : "")
+                   << (api_keys->enabled() ? absl::StrCat(", ", api_keys->size(), " API keys") : ", no API keys");
   shutdown.Wait();
   Drain(lifecycle, **metrics, grpc_api.get(), std::chrono::seconds(o.frontend.drain_grace_s));
   CLEAVE_LOG(Info) << "frontend shutting down";
   (*server)->Stop();
   if (grpc_api) grpc_api->Stop();
+  if (admin_server) admin_server->Stop();
   engine->Shutdown();
   return absl::OkStatus();
 }

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/shutdown.h"
+#include "cleave/common/tls.h"
 #include "commands.h"
 #include "config.h"
 #include "frontend_main.h"
@@ -17,14 +18,43 @@ absl::StatusOr<ServeConfig> ConfigOrDefault(const std::string& path) {
   return LoadServeConfig(path);
 }
 
+// --tls-ca / --tls-cert / --tls-key: each overrides its own file of the config's `tls:`.
+struct TlsArgs {
+  std::string ca, cert, key;
+};
+
+void AddTlsFlags(CLI::App* cmd, TlsArgs& a) {
+  cmd->add_option("--tls-ca", a.ca, "PEM CA for mutual TLS on internal gRPC (with --tls-cert and --tls-key)");
+  cmd->add_option("--tls-cert", a.cert, "PEM certificate of this process, signed by the --tls-ca CA");
+  cmd->add_option("--tls-key", a.key, "PEM private key of --tls-cert");
+}
+
+// The config's TLS files with the flags applied (paths made absolute); all three or none.
+absl::StatusOr<tls::TlsFiles> ResolveTls(const ServeConfig& c, const TlsArgs& a) {
+  tls::TlsFiles f = c.tls;
+  if (!a.ca.empty()) f.ca_file = ResolvePath(a.ca);
+  if (!a.cert.empty()) f.cert_file = ResolvePath(a.cert);
+  if (!a.key.empty()) f.key_file = ResolvePath(a.key);
+  if (absl::Status s = tls::ValidateTlsFiles(f, "TLS (config tls: and --tls-* flags)"); !s.ok()) return s;
+  return f;
+}
+
+absl::Status CheckHttpFlag(const std::string& address) {
+  if (address.empty() || address == "off") return absl::OkStatus();
+  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
+  return hp.ok() ? absl::OkStatus() : hp.status();
+}
+
 }  // namespace
 
 void RegisterScheduler(CLI::App& app) {
   struct Args {
     std::string config, listen, policy, http;
+    TlsArgs tls;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("scheduler", "Run the scheduler (control plane) until SIGINT/SIGTERM");
+  AddTlsFlags(cmd, args->tls);
   cmd->add_option("--config", args->config, "YAML config (its scheduler: section)");
   cmd->add_option("--listen", args->listen, "HOST:PORT to serve the control plane on (default 127.0.0.1:50151)");
   cmd->add_option("--policy", args->policy, "fcfs or priority");
@@ -37,11 +67,7 @@ void RegisterScheduler(CLI::App& app) {
     if (!c.ok()) return Fail(c.status());
     if (!args->listen.empty()) c->scheduler.listen = args->listen;
     if (!args->http.empty()) {
-      if (args->http != "off") {
-        if (absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(args->http); !hp.ok()) {
-          return Fail(hp.status());
-        }
-      }
+      if (absl::Status st = CheckHttpFlag(args->http); !st.ok()) return Fail(st);
       c->scheduler.http = args->http;
     }
     if (!args->policy.empty()) {
@@ -50,13 +76,19 @@ void RegisterScheduler(CLI::App& app) {
       }
       c->scheduler.config.policy = args->policy == "fcfs" ? scheduler::Policy::kFcfs : scheduler::Policy::kPriority;
     }
+    absl::StatusOr<tls::TlsFiles> tls_files = ResolveTls(*c, args->tls);
+    if (!tls_files.ok()) return Fail(tls_files.status());
+    c->scheduler.tls_ca_file = tls_files->ca_file;
+    c->scheduler.tls_cert_file = tls_files->cert_file;
+    c->scheduler.tls_key_file = tls_files->key_file;
     if (absl::Status s = scheduler::RunScheduler(c->scheduler, shutdown); !s.ok()) Fail(s);
   });
 }
 
 void RegisterWorker(CLI::App& app) {
   struct Args {
-    std::string config, role, scheduler, model, name, kv_host, http;
+    std::string config, role, scheduler, model, name, kv_host, http, kv_secret_file, kv_advertise_host;
+    TlsArgs tls;
     int kv_blocks = -1, kv_cache_mb = -1, block_size = -1, max_batch_tokens = -1, max_running = -1;
     int threads = -1, kv_port = -1, drain_grace_s = -1;
   };
@@ -80,6 +112,12 @@ void RegisterWorker(CLI::App& app) {
                   "port; 'off' disables)");
   cmd->add_option("--drain-grace-s", args->drain_grace_s,
                   "on SIGTERM, seconds the requests held get to finish before exit (default 30)");
+  cmd->add_option("--kv-secret-file", args->kv_secret_file,
+                  "file of >= 32 bytes: the cluster secret that authenticates KV transport connections "
+                  "(default: the config's kv_secret_file; none = unauthenticated)");
+  cmd->add_option("--kv-advertise-host", args->kv_advertise_host,
+                  "host prefill workers dial for this worker's KV (default: --kv-host)");
+  AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
     absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
@@ -106,21 +144,31 @@ void RegisterWorker(CLI::App& app) {
     if (!args->kv_host.empty()) o.kv_listen_host = args->kv_host;
     if (args->kv_port >= 0) o.kv_port = args->kv_port;
     if (!args->http.empty()) {
-      if (args->http != "off") {
-        if (absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(args->http); !hp.ok()) {
-          return Fail(hp.status());
-        }
-      }
+      if (absl::Status st = CheckHttpFlag(args->http); !st.ok()) return Fail(st);
       o.http = args->http;
     }
     if (args->drain_grace_s >= 0) o.drain_grace_s = args->drain_grace_s;
+    if (!args->kv_advertise_host.empty()) o.kv_advertise_host = args->kv_advertise_host;
+    const std::string secret_file =
+        args->kv_secret_file.empty() ? c->kv_secret_file : ResolvePath(args->kv_secret_file);
+    if (!secret_file.empty()) {
+      absl::StatusOr<std::string> secret = tls::LoadSecretFile(secret_file);
+      if (!secret.ok()) return Fail(secret.status());
+      o.kv_secret = *std::move(secret);
+    }
+    absl::StatusOr<tls::TlsFiles> tls_files = ResolveTls(*c, args->tls);
+    if (!tls_files.ok()) return Fail(tls_files.status());
+    o.tls_ca_file = tls_files->ca_file;
+    o.tls_cert_file = tls_files->cert_file;
+    o.tls_key_file = tls_files->key_file;
     if (absl::Status s = worker::RunWorker(o, shutdown); !s.ok()) Fail(s);
   });
 }
 
 void RegisterFrontend(CLI::App& app) {
   struct Args {
-    std::string config, scheduler, model, http, grpc;
+    std::string config, scheduler, model, http, grpc, api_keys_file, admin_http;
+    TlsArgs tls;
     int threads = -1, drain_grace_s = -1;
   };
   auto args = std::make_shared<Args>();
@@ -133,6 +181,13 @@ void RegisterFrontend(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "HTTP I/O threads (default 2)");
   cmd->add_option("--drain-grace-s", args->drain_grace_s,
                   "on SIGTERM, seconds the requests in flight get to finish before exit (default 30)");
+  cmd->add_option("--api-keys-file", args->api_keys_file,
+                  "client API keys, one per line; with any key (here or in CLEAVE_API_KEYS, comma-separated) "
+                  "every route but /health needs 'Authorization: Bearer <key>'");
+  cmd->add_option("--admin-http", args->admin_http,
+                  "HOST:PORT of an admin listener without API keys: /metrics, /health, /ready, /debug/kv "
+                  "(default off; bind it to an internal address)");
+  AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
     absl::StatusOr<ServeConfig> c = ConfigOrDefault(args->config);
@@ -145,6 +200,14 @@ void RegisterFrontend(CLI::App& app) {
     if (!args->grpc.empty()) o.frontend.grpc = args->grpc;
     if (args->threads > 0) o.frontend.threads = args->threads;
     if (args->drain_grace_s >= 0) o.frontend.drain_grace_s = args->drain_grace_s;
+    if (!args->api_keys_file.empty()) o.frontend.api_keys_file = ResolvePath(args->api_keys_file);
+    if (!args->admin_http.empty()) {
+      if (absl::Status st = CheckHttpFlag(args->admin_http); !st.ok()) return Fail(st);
+      o.frontend.admin_http = args->admin_http;
+    }
+    absl::StatusOr<tls::TlsFiles> tls_files = ResolveTls(*c, args->tls);
+    if (!tls_files.ok()) return Fail(tls_files.status());
+    o.tls = *tls_files;
     if (absl::Status s = RunFrontend(o, shutdown); !s.ok()) Fail(s);
   });
 }

@@ -22,14 +22,18 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
 #include "cleave/common/shutdown.h"
+#include "cleave/common/tls.h"
+#include "cleave/frontend/api_keys.h"
 #include "commands.h"
 #include "config.h"
 
@@ -81,8 +85,8 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
   return pid;
 }
 
-// GET /ready on the frontend: true on a 200.
-bool FrontendReady(const std::string& host, int port) {
+// GET /ready on the frontend: true on a 200. `api_key` ("" = none) goes in as a Bearer token.
+bool FrontendReady(const std::string& host, int port, const std::string& api_key) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return false;
   sockaddr_in addr{};
@@ -93,7 +97,9 @@ bool FrontendReady(const std::string& host, int port) {
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   bool ok = false;
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string req = "GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    const std::string auth = api_key.empty() ? "" : absl::StrCat("Authorization: Bearer ", api_key, "\r\n");
+    const std::string req =
+        absl::StrCat("GET /ready HTTP/1.1\r\nHost: localhost\r\n", auth, "Connection: close\r\n\r\n");
     if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
       char buf[64] = {};
       const ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
@@ -152,10 +158,44 @@ bool StopAll(std::vector<Child>& children, const ServeConfig& config) {
   return clean;
 }
 
+// The security options every child gets as flags (paths absolute), checked here first so that a
+// bad file stops serve before anything starts. Secrets never go on a command line: only paths.
+struct SecurityArgs {
+  std::vector<std::string> tls;        // --tls-ca/--tls-cert/--tls-key, or none
+  std::vector<std::string> worker;     // + --kv-secret-file
+  std::vector<std::string> frontend;   // + --api-keys-file, --admin-http
+  std::string probe_key;               // an API key for serve's own /ready probe ("" = none)
+};
+
+absl::StatusOr<SecurityArgs> CheckSecurity(const ServeConfig& c) {
+  SecurityArgs a;
+  absl::StatusOr<std::optional<tls::TlsPem>> pem = tls::LoadTlsPem(c.tls);
+  if (!pem.ok()) return pem.status();
+  if (c.tls.enabled()) a.tls = {"--tls-ca", c.tls.ca_file, "--tls-cert", c.tls.cert_file, "--tls-key", c.tls.key_file};
+  a.worker = a.tls;
+  if (!c.kv_secret_file.empty()) {
+    if (absl::StatusOr<std::string> secret = tls::LoadSecretFile(c.kv_secret_file); !secret.ok()) {
+      return secret.status();
+    }
+    a.worker.insert(a.worker.end(), {"--kv-secret-file", c.kv_secret_file});
+  }
+  const char* env_keys = std::getenv("CLEAVE_API_KEYS");
+  absl::StatusOr<frontend::ApiKeys> keys =
+      frontend::ApiKeys::Load(c.frontend.api_keys_file, env_keys != nullptr ? env_keys : "");
+  if (!keys.ok()) return keys.status();
+  if (keys->enabled()) a.probe_key = keys->keys().front();
+  a.frontend = a.tls;
+  if (!c.frontend.api_keys_file.empty()) a.frontend.insert(a.frontend.end(), {"--api-keys-file", c.frontend.api_keys_file});
+  a.frontend.insert(a.frontend.end(), {"--admin-http", c.frontend.admin_http});
+  return a;
+}
+
 absl::Status RunServe(const std::string& config_path) {
   ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
   absl::StatusOr<ServeConfig> config = config_path.empty() ? DefaultServeConfig() : LoadServeConfig(config_path);
   if (!config.ok()) return config.status();
+  absl::StatusOr<SecurityArgs> security = CheckSecurity(*config);
+  if (!security.ok()) return security.status();
   absl::StatusOr<std::pair<std::string, int>> http = SplitHostPort(config->frontend.http);
   if (!http.ok()) return http.status();
   const auto& [host, port] = *http;
@@ -177,7 +217,8 @@ absl::Status RunServe(const std::string& config_path) {
     return a;
   };
   absl::Status s =
-      start("scheduler", add({"scheduler", "--listen", sched_addr, "--http", config->scheduler.http}, with_config),
+      start("scheduler",
+            add(add({"scheduler", "--listen", sched_addr, "--http", config->scheduler.http}, with_config), security->tls),
             Stage::kScheduler);
   int index = 0;
   for (const WorkerGroup& g : config->workers) {
@@ -200,14 +241,17 @@ absl::Status RunServe(const std::string& config_path) {
                                std::to_string(g.options.max_running), "--threads",
                                std::to_string(g.options.threads), "--kv-host", g.options.kv_listen_host,
                                "--http", *worker_http, "--drain-grace-s", std::to_string(g.options.drain_grace_s)});
-      s = start(name, argv, Stage::kWorkers);
+      if (!g.options.kv_advertise_host.empty()) {
+        argv.insert(argv.end(), {"--kv-advertise-host", g.options.kv_advertise_host});
+      }
+      s = start(name, add(argv, security->worker), Stage::kWorkers);
     }
   }
   if (s.ok()) {
     s = start("frontend", add({"frontend", "--scheduler", sched_addr, "--model", config->model, "--http",
                                 config->frontend.http, "--grpc", config->frontend.grpc, "--drain-grace-s",
                                 std::to_string(config->frontend.drain_grace_s)},
-                               with_config), Stage::kFrontend);
+                               add(with_config, security->frontend)), Stage::kFrontend);
   }
   if (!s.ok()) {
     StopAll(children, *config);
@@ -232,7 +276,7 @@ absl::Status RunServe(const std::string& config_path) {
       exit_status = 1;
       break;
     }
-    if (!announced && FrontendReady(host, port)) {
+    if (!announced && FrontendReady(host, port, security->probe_key)) {
       announced = true;
       std::printf("cleave: serving %s at http://%s:%d/v1 (OpenAI API), gRPC on %s; Ctrl-C stops\n",
                   config->model.c_str(), host.c_str(), port, config->frontend.grpc.c_str());

@@ -30,8 +30,9 @@ def free_port():
 
 
 def config_text(workers, sched_port, http_port, grpc_port, model=MODEL, sched_http_port=0,
-                frontend=None, **sched):
-    lines = [f"model: {model}", "scheduler:", f"  listen: 127.0.0.1:{sched_port}",
+                frontend=None, top=None, **sched):
+    """top: extra top-level YAML text (e.g. a tls: section), inserted verbatim."""
+    lines = [f"model: {model}"] + ([top.rstrip("\n")] if top else []) + ["scheduler:", f"  listen: 127.0.0.1:{sched_port}",
              f"  http: 127.0.0.1:{sched_http_port}", "  lease_ms: 2000", "  heartbeat_ms: 300"]
     for k, v in sched.items():
         lines.append(f"  {k}: {v}")
@@ -59,15 +60,17 @@ COLOCATED = [dict(role="colocated", replicas=1, kv_blocks=1024, threads=1)]
 
 
 class Cluster:
-    def __init__(self, tmp, workers, model=MODEL, frontend=None, **sched):
-        """frontend: extra keys of the config's frontend: section (e.g. drain_grace_s)."""
+    def __init__(self, tmp, workers, model=MODEL, frontend=None, top=None, api_key=None, **sched):
+        """frontend: extra keys of the config's frontend: section (e.g. drain_grace_s); top: extra
+        top-level YAML (tls:, kv_secret_file); api_key: sent by get() when the frontend needs one."""
+        self.api_key = api_key
         self.http_port, self.grpc_port, self.sched_port = free_port(), free_port(), free_port()
         # The scheduler's HTTP port: /metrics, /health, /ready, /discovery/prometheus.
         self.sched_http_port = free_port()
         self.config = Path(tmp) / "cleave.yaml"
         self.config.write_text(config_text(workers, self.sched_port, self.http_port, self.grpc_port,
                                            model=model, sched_http_port=self.sched_http_port,
-                                           frontend=frontend, **sched))
+                                           frontend=frontend, top=top, **sched))
         self.log = open(Path(tmp) / "serve.log", "w+")
         self.proc = subprocess.Popen([CLEAVE, "serve", "--config", str(self.config)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -123,7 +126,10 @@ class Cluster:
             time.sleep(0.05)
 
     def get(self, path, timeout=10):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+        req = urllib.request.Request(self.url + path)
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")
 
     def kv(self):

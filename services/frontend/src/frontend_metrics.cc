@@ -19,7 +19,7 @@ const std::vector<std::string>& Endpoints() {
   return kEndpoints;
 }
 const std::vector<std::string>& HttpCodes() {
-  static const std::vector<std::string> kCodes = {"200", "400", "404", "405", "413",
+  static const std::vector<std::string> kCodes = {"200", "400", "401", "404", "405", "413",
                                                   "429", "431", "500", "503"};
   return kCodes;
 }

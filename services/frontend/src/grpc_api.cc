@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "cleave/frontend/api_keys.h"
 #include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/generation.h"
 #include "cleave/frontend/lifecycle.h"
@@ -65,6 +66,28 @@ std::string RequestIdFor(const grpc::CallbackServerContext& context) {
   }
   return NewResponseId("gen-");
 }
+
+// OK, or UNAUTHENTICATED when API keys are configured and the call's `authorization` metadata
+// names none of them.
+grpc::Status CheckApiKey(const FrontendContext& ctx, const grpc::CallbackServerContext& context) {
+  if (ctx.api_keys == nullptr || !ctx.api_keys->enabled()) return grpc::Status::OK;
+  const auto& md = context.client_metadata();
+  std::string_view authorization;
+  if (auto it = md.find("authorization"); it != md.end()) {
+    authorization = std::string_view(it->second.data(), it->second.size());
+  }
+  if (ctx.api_keys->Authorizes(authorization)) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      authorization.empty() ? "missing API key: send metadata 'authorization: Bearer <key>'"
+                                            : "incorrect API key provided");
+}
+
+// A Generate call refused before it started (no key): ends at once with `status`.
+class RefusedGenerate : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  explicit RefusedGenerate(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
 
 // One Generate call: the pipeline's updates become messages, written one at a time (the
 // callback API allows a single outstanding write), and the client cancelling the call cancels
@@ -282,6 +305,10 @@ class GenerationService final : public v1::Generation::CallbackService {
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(grpc::CallbackServerContext* context,
                                                             const v1::GenerateRequest* request) override {
+    if (grpc::Status auth = CheckApiKey(ctx_, *context); !auth.ok()) {
+      if (ctx_.metrics != nullptr) ctx_.metrics->CountGrpc("Generate", auth.error_code());
+      return new RefusedGenerate(auth);
+    }
     return new GenerateReactor(ctx_, *context, *request, stopping_);
   }
 
@@ -291,6 +318,10 @@ class GenerationService final : public v1::Generation::CallbackService {
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const v1::TokenizeRequest* request,
                                      v1::TokenizeResponse* reply) override {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (grpc::Status auth = CheckApiKey(ctx_, *context); !auth.ok()) {
+      FinishUnary(reactor, "Tokenize", auth);
+      return reactor;
+    }
     if (absl::Status s = CheckModel(request->model()); !s.ok()) {
       FinishUnary(reactor, "Tokenize", ToGrpc(s));
       return reactor;
@@ -310,6 +341,10 @@ class GenerationService final : public v1::Generation::CallbackService {
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const v1::DetokenizeRequest* request,
                                        v1::DetokenizeResponse* reply) override {
     grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (grpc::Status auth = CheckApiKey(ctx_, *context); !auth.ok()) {
+      FinishUnary(reactor, "Detokenize", auth);
+      return reactor;
+    }
     if (absl::Status s = CheckModel(request->model()); !s.ok()) {
       FinishUnary(reactor, "Detokenize", ToGrpc(s));
       return reactor;
@@ -327,11 +362,15 @@ class GenerationService final : public v1::Generation::CallbackService {
 
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context, const v1::ListModelsRequest*,
                                        v1::ListModelsResponse* reply) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (grpc::Status auth = CheckApiKey(ctx_, *context); !auth.ok()) {
+      FinishUnary(reactor, "ListModels", auth);
+      return reactor;
+    }
     v1::ModelInfo* m = reply->add_models();
     m->set_id(ctx_.model.id);
     m->set_max_model_len(ctx_.model.max_model_len);
     m->set_vocab_size(ctx_.model.vocab_size);
-    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
     FinishUnary(reactor, "ListModels", grpc::Status::OK);
     return reactor;
   }
@@ -359,13 +398,20 @@ GrpcApiServer::~GrpcApiServer() { Stop(); }
 int GrpcApiServer::port() const { return impl_->port; }
 
 absl::StatusOr<std::unique_ptr<GrpcApiServer>> GrpcApiServer::Start(const std::string& address,
-                                                                    FrontendContext& ctx) {
+                                                                    FrontendContext& ctx,
+                                                                    const std::optional<tls::TlsPem>& tls) {
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (tls.has_value()) {
+    grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    ssl.pem_key_cert_pairs.push_back({tls->key, tls->cert});
+    creds = grpc::SslServerCredentials(ssl);
+  }
   auto impl = std::make_unique<Impl>();
   impl->service = std::make_unique<GenerationService>(ctx);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.AddListeningPort(address, creds, &impl->port);
   builder.RegisterService(impl->service.get());
   impl->server = builder.BuildAndStart();
   if (!impl->server || impl->port == 0) {

@@ -51,6 +51,10 @@ SimpleResponse ErrorResponse(int http_status, std::string_view message, std::str
 // anything that is not a generation route. Thread-safe.
 SimpleResponse HandleSimpleRoute(const FrontendContext& ctx, http::verb method,
                                  std::string_view path, const std::string& body);
+// With API keys configured, the 401 for a request to `path` (anything but /health) whose
+// Authorization header (`authorization`, "" when absent) names no key; nullopt when it may pass.
+std::optional<SimpleResponse> CheckApiKey(const FrontendContext& ctx, std::string_view path,
+                                          std::string_view authorization);
 
 struct ServerState;
 class GenerateCall;

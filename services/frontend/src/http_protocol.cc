@@ -13,6 +13,7 @@ int HttpStatusFor(const absl::Status& status) {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
     case absl::StatusCode::kFailedPrecondition: return 400;
+    case absl::StatusCode::kUnauthenticated: return 401;
     case absl::StatusCode::kNotFound: return 404;
     case absl::StatusCode::kResourceExhausted: return 429;
     case absl::StatusCode::kUnavailable: return 503;
@@ -25,6 +26,7 @@ std::string OpenAiErrorBody(int http_status, std::string_view message, std::stri
   const char* type = "invalid_request_error";
   nlohmann::json code = nullptr;
   if (http_status == 404) code = param == "model" ? "model_not_found" : "not_found";
+  if (http_status == 401) code = "invalid_api_key";
   if (http_status == 413) code = "request_too_large";
   if (http_status == 429) {
     type = "rate_limit_error";

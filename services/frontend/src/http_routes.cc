@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/metrics.h"
+#include "cleave/frontend/api_keys.h"
 #include "cleave/frontend/frontend_metrics.h"
 #include "cleave/frontend/chat_template.h"
 #include "cleave/frontend/http_protocol.h"
@@ -132,6 +133,18 @@ SimpleResponse ErrorResponse(const absl::Status& status, int retry_after_s) {
   return r;
 }
 
+std::optional<SimpleResponse> CheckApiKey(const FrontendContext& ctx, std::string_view path,
+                                          std::string_view authorization) {
+  if (ctx.api_keys == nullptr || !ctx.api_keys->enabled() || path == "/health") return std::nullopt;
+  if (ctx.api_keys->Authorizes(authorization)) return std::nullopt;
+  SimpleResponse r = ErrorResponse(
+      401, authorization.empty()
+               ? "Missing API key: send it as 'Authorization: Bearer <key>'"
+               : "Incorrect API key provided");
+  r.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return r;
+}
+
 SimpleResponse HandleSimpleRoute(const FrontendContext& ctx, http::verb method,
                                  std::string_view path, const std::string& body) {
   const bool get = method == http::verb::get;
@@ -172,3 +185,12 @@ SimpleResponse HandleSimpleRoute(const FrontendContext& ctx, http::verb method,
 }
 
 }  // namespace cleave::frontend::http_internal
+
+namespace cleave::frontend {
+
+GetAnswer AnswerGet(const FrontendContext& ctx, std::string_view path) {
+  http_internal::SimpleResponse r = http_internal::HandleSimpleRoute(ctx, boost::beast::http::verb::get, path, "");
+  return {r.status, r.content_type, std::move(r.body)};
+}
+
+}  // namespace cleave::frontend

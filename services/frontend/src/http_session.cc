@@ -126,6 +126,13 @@ void Session::Dispatch() {
   parser_.reset();
   const std::string_view path = PathOf(std::string_view(req.target().data(), req.target().size()));
   const bool chat = path == "/v1/chat/completions";
+  std::string_view authorization;
+  if (auto it = req.find(http::field::authorization); it != req.end()) {
+    authorization = std::string_view(it->value().data(), it->value().size());
+  }
+  if (std::optional<SimpleResponse> refused = CheckApiKey(server_.ctx, path, authorization)) {
+    return SendResponse(*refused);
+  }
   if ((chat || path == "/v1/completions") && req.method() == http::verb::post) {
     std::string_view request_id;
     if (auto it = req.find("x-request-id"); it != req.end()) {

@@ -212,13 +212,22 @@ struct SchedulerClient::Impl {
 
 SchedulerClient::SchedulerClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-std::unique_ptr<SchedulerClient> SchedulerClient::Create(const std::string& address) {
+std::unique_ptr<SchedulerClient> SchedulerClient::Create(const std::string& address,
+                                                         const std::optional<tls::TlsPem>& tls) {
   auto impl = std::make_unique<Impl>();
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (tls.has_value()) {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = tls->ca;
+    ssl.pem_private_key = tls->key;
+    ssl.pem_cert_chain = tls->cert;
+    creds = grpc::SslCredentials(ssl);
+  }
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   impl->stub = v1::Scheduler::NewStub(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+      grpc::CreateCustomChannel(address, creds, args));
   Impl* p = impl.get();
   auto client = std::unique_ptr<SchedulerClient>(new SchedulerClient(std::move(impl)));
   p->deferrer = std::thread([p] { p->RunDeferred(); });

@@ -1,7 +1,9 @@
 // Wire format of the TCP KV transport. Fixed-layout little-endian records, no varints and no
 // self-describing encodings, so the receiver can check every field before it trusts a length.
 //
-//   connection:  sender -> Hello; receiver -> HelloAck (kOk, or the reason it refuses);
+//   connection:  [with a cluster secret: the auth exchange of auth.h, whose messages start with
+//                their own magic "CKVA"; without one, none of it, byte for byte as before]
+//                sender -> Hello; receiver -> HelloAck (kOk, or the reason it refuses);
 //                then sender -> Frame* until either side closes. The receiver sends nothing after
 //                HelloAck, so a sender that finds its socket readable knows the peer has gone.
 //   LAYER frame: FrameHeader, n_blocks int32 block ids, then n_blocks * block_bytes of K (in the

@@ -215,6 +215,24 @@ bool PeerHasHungUp(int fd) {
   return poll(&p, 1, 0) > 0 && p.revents != 0;
 }
 
+std::string PeerAddress(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return "unknown peer";
+  char host[INET6_ADDRSTRLEN] = {};
+  if (addr.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+    if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host)) == nullptr) return "unknown peer";
+    return absl::StrCat("[", host, "]:", ntohs(a->sin6_port));
+  }
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host)) == nullptr) return "unknown peer";
+    return absl::StrCat(host, ":", ntohs(a->sin_port));
+  }
+  return "unknown peer";
+}
+
 absl::Status ReadFull(int fd, void* buf, size_t n, bool eof_ok_at_start) {
   char* p = static_cast<char*>(buf);
   size_t got = 0;

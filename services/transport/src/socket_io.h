@@ -58,6 +58,9 @@ absl::Status WaitReadable(int fd);
 // True when the peer has closed or reset (or sent bytes a quiet peer never sends). Non-blocking.
 bool PeerHasHungUp(int fd);
 
+// "HOST:PORT" of the socket's peer, for log lines; "unknown peer" when it cannot be told.
+std::string PeerAddress(int fd);
+
 // Reads exactly n bytes. A clean EOF before the first byte is NotFound("closed") when
 // eof_ok_at_start, so callers can tell a quiet close between frames from a truncated frame.
 absl::Status ReadFull(int fd, void* buf, size_t n, bool eof_ok_at_start = false);

@@ -1,5 +1,6 @@
 #include "tcp_receiver.h"
 
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -12,6 +13,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "auth.h"
 #include "cleave/common/logging.h"
 #include "cleave/common/status.h"
 #include "frame.h"
@@ -24,16 +26,22 @@ constexpr size_t kScratchBytes = 64u << 10;
 // Serves one accepted connection: handshake, then frames until it closes or breaks the protocol.
 class ConnectionServer {
  public:
-  ConnectionServer(int fd, KvBlockStore& store, TransferTracker& tracker, int io_timeout_ms)
-      : fd_(fd), store_(store), tracker_(tracker), io_timeout_ms_(io_timeout_ms) {}
+  ConnectionServer(int fd, KvBlockStore& store, TransferTracker& tracker,
+                   const TransportOptions& options)
+      : fd_(fd),
+        store_(store),
+        tracker_(tracker),
+        io_timeout_ms_(options.io_timeout_ms),
+        secret_(options.secret) {}
 
   // Returns once the connection is done, having failed the transfers it left open.
   void Run() {
+    const std::string peer = PeerAddress(fd_);  // now: a reset peer has no address later
     absl::Status st = Handshake();
     if (st.ok()) st = ServeFrames();
     const bool clean = absl::IsNotFound(st);
     if (!clean) {
-      CLEAVE_LOG(Warning) << "kv receiver: connection ended: " << st.message();
+      CLEAVE_LOG(Warning) << "kv receiver: connection from " << peer << " ended: " << st.message();
     }
     if (blame_) tracker_.Fail(*blame_, absl::StrCat("protocol violation: ", st.message()));
     const std::string why = clean ? "sender closed the connection before the finish frame"
@@ -46,7 +54,7 @@ class ConnectionServer {
     CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd_, io_timeout_ms_));
     // The shared prefix first: a peer of another version may send no more than that.
     std::array<std::byte, wire::kHelloBytes> buf{};
-    CLEAVE_RETURN_IF_ERROR(ReadFull(fd_, buf.data(), wire::kHelloPrefixBytes));
+    CLEAVE_RETURN_IF_ERROR(Authenticate(buf));
     wire::Hello hello = wire::DecodeHello(buf.data());
     // Not one of ours: say nothing, in case it is something that would misread a reply.
     if (hello.magic != wire::kHelloMagic) return absl::InvalidArgumentError("bad hello magic");
@@ -73,6 +81,39 @@ class ConnectionServer {
           "; this receiver has version ", wire::kVersion, ", ", DescribeGeometry(ack)));
     }
     return absl::OkStatus();
+  }
+
+  // Leaves the sender's Hello prefix (kHelloPrefixBytes) in `buf`, once the sender has proven
+  // it holds the cluster secret; without a secret, only a peer that does not ask to
+  // authenticate gets that far (auth.h). A peer refused here has had no frame read.
+  absl::Status Authenticate(std::array<std::byte, wire::kHelloBytes>& buf) {
+    static_assert(wire::kHelloPrefixBytes <= auth::kMessageBytes);
+    const bool required = !secret_.empty();
+    auth::Nonce nr{};
+    // Challenge at once, before the peer says anything: a sender without a secret then finds
+    // the challenge where it expects its HelloAck and can tell its operator why it stops.
+    if (required) CLEAVE_RETURN_IF_ERROR(auth::SendChallenge(fd_, nr));
+    if (absl::Status s = ReadFull(fd_, buf.data(), wire::kHelloPrefixBytes); !s.ok()) {
+      if (!required) return s;
+      return absl::Status(s.code(), absl::StrCat("authentication: waiting for the peer's opening: ",
+                                                 s.message()));
+    }
+    const wire::Hello first = wire::DecodeHello(buf.data());
+    if (first.magic == auth::kAuthMagic) {
+      if (!required) return auth::RefuseAuthentication(fd_, buf.data(), wire::kHelloPrefixBytes);
+      CLEAVE_RETURN_IF_ERROR(
+          auth::AuthenticateSender(fd_, secret_, nr, buf.data(), wire::kHelloPrefixBytes));
+      return ReadFull(fd_, buf.data(), wire::kHelloPrefixBytes);
+    }
+    if (!required) return absl::OkStatus();
+    if (first.magic == wire::kHelloMagic && first.version == wire::kVersion) {
+      // Read the rest of the Hello (never a frame) so the close is clean and the sender reads
+      // the challenge, which tells it why.
+      (void)ReadFull(fd_, buf.data() + wire::kHelloPrefixBytes,
+                     wire::kHelloBytes - wire::kHelloPrefixBytes);
+    }
+    return absl::UnauthenticatedError(
+        "authentication: peer did not authenticate (this receiver requires the cluster secret)");
   }
 
   // Ends with NotFound("closed") when the sender closes cleanly between frames.
@@ -186,6 +227,7 @@ class ConnectionServer {
   KvBlockStore& store_;
   TransferTracker& tracker_;
   const int io_timeout_ms_;
+  const std::string& secret_;              // the receiver's options outlive every connection
   std::optional<TransferKey> blame_;       // the transfer whose frame broke the framing
   absl::flat_hash_set<TransferKey> open_;  // wrote at least one frame, no finish yet
   std::vector<std::byte> id_bytes_;        // <= kMaxBlocksPerFrame * 4
@@ -199,6 +241,25 @@ std::string JoinHostPort(const std::string& host, int port) {
                                              : absl::StrCat(host, ":", port);
 }
 
+// The host address() names: advertise_host when set (a bare host or IP, IPv6 with or without
+// brackets, no port: the port is always the one bound), else listen_host.
+absl::StatusOr<std::string> AdvertisedHost(const TransportOptions& options) {
+  if (options.advertise_host.empty()) return options.listen_host;
+  std::string host = options.advertise_host;
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  in6_addr v6{};
+  const bool bad_char = host.empty() || host.find_first_of(" \t\r\n/[]") != std::string::npos;
+  if (bad_char ||
+      (host.find(':') != std::string::npos && inet_pton(AF_INET6, host.c_str(), &v6) != 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv receiver: advertise_host '", options.advertise_host,
+        "' is not a host name or IP address (give the host only; the port is the one bound)"));
+  }
+  return host;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportOptions& options,
@@ -208,11 +269,12 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportO
     return absl::InvalidArgumentError(absl::StrCat("kv receiver: store geometry: ", s.message()));
   }
   if (options.io_timeout_ms <= 0) return absl::InvalidArgumentError("io_timeout_ms must be > 0");
+  CLEAVE_ASSIGN_OR_RETURN(const std::string host, AdvertisedHost(options));
   std::unique_ptr<TcpReceiver> r(new TcpReceiver(options, store, std::move(callbacks)));
   int port = 0;
   CLEAVE_ASSIGN_OR_RETURN(r->listen_fd_,
                           ListenTcp({options.listen_host, options.listen_port}, &port));
-  r->address_ = JoinHostPort(options.listen_host, port);
+  r->address_ = JoinHostPort(host, port);
   r->wake_fd_ = UniqueFd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!r->wake_fd_.valid()) return absl::InternalError("eventfd failed");
   r->accept_thread_ = std::thread([p = r.get()] { p->AcceptLoop(); });
@@ -278,7 +340,7 @@ void TcpReceiver::AcceptLoop() {
     c->fd = std::move(fd);
     Connection* raw = c.get();
     c->thread = std::thread([this, raw] {
-      ConnectionServer(raw->fd.get(), store_, tracker_, options_.io_timeout_ms).Run();
+      ConnectionServer(raw->fd.get(), store_, tracker_, options_).Run();
       // Tell the sender at once; the fd itself is closed when the accept loop reaps us.
       shutdown(raw->fd.get(), SHUT_RDWR);
       raw->finished.store(true);

@@ -1,11 +1,13 @@
 // The receiving end of the TCP backend: one listening socket and one thread per accepted
 // connection (a receiver has few peers: the prefill workers that feed it).
 //
-// Each connection starts with the geometry handshake (frame.h), then reads frames one at a
-// time. A LAYER frame's header and block ids (a STATE frame's header) are checked
-// (CheckLayerFraming / CheckStateFraming, then the TransferTracker's agreement) before a byte of
-// payload is read; accepted payloads are recv()'d straight into the store's blocks (state
-// slots), everything else is drained through a 64 KiB scratch buffer.
+// Each connection starts with authentication when the receiver has a cluster secret (auth.h:
+// a peer that skips or fails it is closed before a frame is read), then the geometry handshake
+// (frame.h), then reads frames one at a time. A LAYER frame's header and block ids (a STATE
+// frame's header) are checked (CheckLayerFraming / CheckStateFraming, then the
+// TransferTracker's agreement) before a byte of payload is read; accepted payloads are recv()'d
+// straight into the store's blocks (state slots), everything else is drained through a 64 KiB
+// scratch buffer.
 //
 //   framing broken (magic, lengths, type) -> fail the named transfer, close the connection
 //   agreement broken (layer, layer kind,  -> fail that transfer, drain its payload, carry on

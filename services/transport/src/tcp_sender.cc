@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "auth.h"
 #include "cleave/common/status.h"
 #include "layer_checks.h"
 
@@ -275,6 +276,10 @@ absl::Status TcpPeerLink::EnsureConnectedLocked(std::unique_lock<std::mutex>& lo
 absl::StatusOr<UniqueFd> TcpPeerLink::Dial() const {
   CLEAVE_ASSIGN_OR_RETURN(UniqueFd fd, ConnectTcp(peer_, options_.connect_timeout_ms));
   CLEAVE_RETURN_IF_ERROR(SetIoTimeout(fd.get(), options_.io_timeout_ms));
+  // With a secret, the receiver must prove it holds it (and we must) before the Hello (auth.h).
+  if (!options_.secret.empty()) {
+    CLEAVE_RETURN_IF_ERROR(auth::AuthenticateToReceiver(fd.get(), options_.secret));
+  }
   const wire::Hello hello = HelloFor(options_.geometry);
   auto out = wire::EncodeHello(hello);
   iovec iov{out.data(), out.size()};
@@ -285,6 +290,12 @@ absl::StatusOr<UniqueFd> TcpPeerLink::Dial() const {
     return absl::UnavailableError(absl::StrCat("no handshake reply: ", s.message()));
   }
   wire::Hello ack = wire::DecodeHello(in.data());
+  if (ack.magic == auth::kAuthMagic) {
+    // Its challenge, sent on accept: it requires the cluster secret and will not read our Hello.
+    return absl::UnauthenticatedError(
+        "authentication: the receiver requires the cluster secret, but this sender has none "
+        "(configure the same secret on both sides, or on neither)");
+  }
   if (ack.magic != wire::kHelloMagic) return absl::UnavailableError("not a cleave KV receiver");
   if (ack.version != wire::kVersion ||
       ack.status == static_cast<uint16_t>(wire::HelloStatus::kVersionMismatch)) {

@@ -16,6 +16,7 @@
 #include "cleave/common/logging.h"
 #include "cleave/common/metrics.h"
 #include "cleave/common/status.h"
+#include "cleave/common/tls.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/v1/control.grpc.pb.h"
 #include "cleave/worker/engine.h"
@@ -25,6 +26,17 @@ namespace cleave::worker {
 namespace {
 
 using Stream = grpc::ClientReaderWriter<v1::WorkerMessage, v1::SchedulerMessage>;
+
+// Plaintext, or mutual TLS: the scheduler's certificate must be signed by the CA and name the
+// host dialled; this worker presents its own.
+std::shared_ptr<grpc::ChannelCredentials> SchedulerCredentials(const std::optional<tls::TlsPem>& pem) {
+  if (!pem.has_value()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = pem->ca;
+  ssl.pem_private_key = pem->key;
+  ssl.pem_cert_chain = pem->cert;
+  return grpc::SslCredentials(ssl);
+}
 
 // The current scheduler stream; writes from the engine thread and transport threads serialise
 // here. Messages written while no stream is up are dropped: the scheduler that would have wanted
@@ -311,6 +323,18 @@ void ServeStream(const WorkerContext& w, const v1::RegisterWorkerResponse& reg) 
   }
 }
 
+// What a failed registration most likely means when gRPC says only that the socket closed: the
+// scheduler ended the TLS handshake (it refused this worker's certificate), or it speaks TLS and
+// this worker does not.
+std::string RegisterFailureHint(const grpc::Status& st, bool tls) {
+  const std::string& m = st.error_message();
+  if (m.find("Socket closed") == std::string::npos && m.find("reset by peer") == std::string::npos) return "";
+  return tls ? "; the scheduler cut the TLS handshake short: it refuses this worker's certificate "
+               "(is it signed by the scheduler's CA?)"
+             : "; the scheduler closed the connection: does it require mutual TLS (--tls-ca, --tls-cert, "
+               "--tls-key)?";
+}
+
 }  // namespace
 
 absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
@@ -324,6 +348,9 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   CLEAVE_ASSIGN_OR_RETURN(const std::optional<admin::AdminServerOptions> http, ParseHttp(o.http));
   CLEAVE_CHECK_ARG(o.drain_grace_s >= 0, "drain_grace_s must be >= 0");
+  // Read before the model loads: a bad path fails the start at once.
+  CLEAVE_ASSIGN_OR_RETURN(const std::optional<tls::TlsPem> tls_pem,
+                          tls::LoadTlsPem({o.tls_ca_file, o.tls_cert_file, o.tls_key_file}));
   if (o.threads > 0) kernels::SetCpuThreads(o.threads);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir));
   model::ModelConfig config = model->config();
@@ -353,6 +380,8 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   topts.geometry.num_blocks = 0;
   topts.geometry.num_state_slots = 0;
   topts.sent_metrics = worker_metrics->sent();
+  topts.secret = o.kv_secret;
+  topts.advertise_host = o.kv_advertise_host;
   std::unique_ptr<transport::KvSender> sender;
   if (o.role == v1::WORKER_ROLE_PREFILL) sender = transport::CreateKvSender(topts);
   std::unique_ptr<transport::KvReceiver> receiver;
@@ -392,16 +421,19 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   }
   std::thread engine_thread([&] { engine.Run(); });
 
-  auto channel = grpc::CreateChannel(o.scheduler, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel(o.scheduler, SchedulerCredentials(tls_pem));
   auto stub = v1::Scheduler::NewStub(channel);
   CLEAVE_LOG(Info) << "worker " << name << ": " << num_blocks << " KV blocks of " << o.block_size
                    << " tokens"
                    << (num_slots > 0 ? absl::StrCat(", ", num_slots, " Mamba state slots") : "")
                    << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "")
-                   << (admin_server ? absl::StrCat(", HTTP on ", admin_server->address()) : "");
+                   << (admin_server ? absl::StrCat(", HTTP on ", admin_server->address()) : "")
+                   << (tls_pem ? ", mutual TLS to the scheduler" : "")
+                   << (o.kv_secret.empty() ? "" : ", KV transport authenticated");
   const WorkerContext w{o, shutdown, *stub, engine, receiver.get(), link, inbound, stream_up};
 
-  bool registered_once = false;
+  std::string last_failure;
+  int failures_since_logged = 0;
   while (!shutdown.requested()) {
     v1::RegisterWorkerRequest reg;
     reg.set_role(o.role);
@@ -427,13 +459,18 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
         engine_thread.join();
         return absl::InvalidArgumentError(absl::StrCat("scheduler refused this worker: ", st.error_message()));
       }
-      if (registered_once) {
-        CLEAVE_LOG(Warning) << "scheduler unreachable (" << st.error_message() << "), retrying";
+      // Said once per distinct reason (then every ~30 s): a TLS handshake the scheduler refuses
+      // must be visible before the first registration too, without a line every 500 ms.
+      if (st.error_message() != last_failure || ++failures_since_logged >= 60) {
+        CLEAVE_LOG(Warning) << "cannot register with scheduler " << o.scheduler << " (" << st.error_message()
+                            << RegisterFailureHint(st, tls_pem.has_value()) << "), retrying";
+        last_failure = st.error_message();
+        failures_since_logged = 0;
       }
       shutdown.WaitFor(std::chrono::milliseconds(500));
       continue;
     }
-    registered_once = true;
+    last_failure.clear();
     CLEAVE_LOG(Info) << "registered with " << o.scheduler << " as worker " << reg_reply.worker_id();
     ServeStream(w, reg_reply);
   }

@@ -21,6 +21,12 @@ struct SchedulerServerOptions {
   // HOST:PORT of the HTTP port (/metrics, /health, /ready, /discovery/prometheus); "off" = none.
   std::string http = "127.0.0.1:0";
   SchedulerConfig config;
+  // Mutual TLS on the control plane (PEM paths; all empty = plaintext, else all three): clients
+  // (workers, frontends) must present a certificate signed by this CA. Start() reads the files
+  // and fails naming one that is missing or unreadable.
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class SchedulerServer {

@@ -15,6 +15,7 @@
 
 namespace cleave::frontend {
 
+class ApiKeys;
 class ChatTemplate;
 class FrontendLifecycle;
 class FrontendMetrics;
@@ -43,6 +44,8 @@ struct FrontendContext {
   // Admits generation requests and refuses them once a drain began (lifecycle.h); null = always
   // admit (tests).
   FrontendLifecycle* lifecycle = nullptr;
+  // Client API keys (api_keys.h); null or empty = no authentication (tests, trusted networks).
+  const ApiKeys* api_keys = nullptr;
 };
 
 struct LoadFrontendModelOptions {

@@ -25,6 +25,8 @@ class FrontendMetrics {
   static absl::StatusOr<std::unique_ptr<FrontendMetrics>> Create();
 
   std::string Render() const { return registry_.Render(); }
+  // For a second listener serving the same series (the frontend's admin port).
+  const metrics::Registry& registry() const { return registry_; }
 
   // One HTTP response: `path` is mapped to a bounded endpoint label, `status` to its code.
   void CountHttp(std::string_view path, int status);

@@ -8,12 +8,13 @@
 
 namespace cleave::frontend {
 
-// absl code -> HTTP status: InvalidArgument/OutOfRange/FailedPrecondition 400, NotFound 404,
+// absl code -> HTTP status: InvalidArgument/OutOfRange/FailedPrecondition 400, Unauthenticated
+// 401, NotFound 404,
 // ResourceExhausted 429, Unavailable 503, DeadlineExceeded 504, anything else 500.
 int HttpStatusFor(const absl::Status& status);
 
 // OpenAI's error body: {"error": {"message", "type", "param", "code"}}. type/code follow the
-// status (400 invalid_request_error; 404 model_not_found / not_found; 429 rate_limit_error;
+// status (400 invalid_request_error; 401 invalid_request_error / invalid_api_key; 404 model_not_found / not_found; 429 rate_limit_error;
 // 5xx server_error). An empty param is written as null.
 std::string OpenAiErrorBody(int http_status, std::string_view message, std::string_view param);
 // The same for an absl::Status (param from ErrorParam).

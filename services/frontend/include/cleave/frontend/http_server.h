@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "cleave/frontend/frontend_context.h"
@@ -38,6 +39,16 @@ struct HttpServerOptions {
   int idle_timeout_s = 600;                // keep-alive connections idle this long are closed
   int max_connections = 10000;             // beyond this, new connections are closed at once
 };
+
+// One GET of a route that answers at once (/ready, /debug/kv, /metrics, ...) exactly as the
+// API port answers it, but with no API key check: for the frontend's admin listener, which is
+// bound to an internal address. Thread-safe.
+struct GetAnswer {
+  int status = 200;
+  std::string content_type;
+  std::string body;
+};
+GetAnswer AnswerGet(const FrontendContext& ctx, std::string_view path);
 
 class HttpServer {
  public:

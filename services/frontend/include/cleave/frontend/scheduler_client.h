@@ -6,15 +6,20 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "cleave/common/tls.h"
 #include "cleave/frontend/engine_client.h"
 
 namespace cleave::frontend {
 
 class SchedulerClient : public EngineClient {
  public:
-  static std::unique_ptr<SchedulerClient> Create(const std::string& address);
+  // `tls`: mutual TLS to the scheduler (it must present a certificate signed by tls->ca naming
+  // the host of `address`; this frontend presents tls->cert); nullopt = plaintext.
+  static std::unique_ptr<SchedulerClient> Create(const std::string& address,
+                                                 const std::optional<tls::TlsPem>& tls = std::nullopt);
   ~SchedulerClient() override;
 
   uint64_t Submit(v1::SubmitRequest request, Callback callback) override;

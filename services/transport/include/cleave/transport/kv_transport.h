@@ -3,7 +3,8 @@
 // One interface, several backends chosen by the peer address:
 //   "HOST:PORT"        TCP over host memory (framed; every length and block id is checked on the
 //                      receiving side against what the scheduler agreed — see KvReceiver::Expect)
-//   "inproc://NAME"    a memcpy into a receiver in the same process (tests, single-process modes)
+//   "inproc://NAME"    a memcpy into a receiver in the same process (tests, single-process modes;
+//                      no authentication: nothing crosses a process boundary)
 // The NCCL backend (CUDA issue) plugs in as another scheme behind the same two classes.
 //
 // A transfer is keyed by (request_id, attempt). The prefill side sends, per attention layer, the K
@@ -152,7 +153,8 @@ struct ReceiverCallbacks {
 class KvReceiver {
  public:
   virtual ~KvReceiver() = default;
-  // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME").
+  // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME"). TCP:
+  // advertise_host (else listen_host) and the bound port.
   virtual std::string address() const = 0;
   // Agreement from the scheduler: frames of (request_id, attempt) may write exactly `blocks`
   // (in every KV layer) and, when state_slot >= 0, that slot (in every state layer). Frames for
@@ -185,9 +187,16 @@ struct TransportOptions {
   // Senders only: sent-direction accounting (see TransferMetrics); off by default.
   TransferMetrics sent_metrics = {};
   // The cluster secret that authenticates TCP connections (both sides must hold the same bytes;
-  // empty = no authentication). A peer that cannot prove it is refused before any frame.
+  // empty = no authentication). A peer that cannot prove it is refused before any frame: every
+  // connection starts with a mutual HMAC-SHA256 challenge-response (services/transport/src/auth.h)
+  // and both sides must agree on whether there is a secret at all. A sender refused, or finding
+  // a receiver that does not authenticate or cannot prove the secret, fails its sends with
+  // Unauthenticated ("authentication: ..."); a receiver drops such a peer (logged, nothing
+  // written, no callback). The secret is never logged. inproc:// transfers ignore it: they stay
+  // inside one process, where there is no one to authenticate.
   std::string secret;
-  // Receivers: the host peers must dial (address() reports it); empty = listen_host.
+  // Receivers: the host peers must dial (address() reports it); empty = listen_host. A host name
+  // or IP only (IPv6 with or without brackets); the port is always the one bound.
   std::string advertise_host;
 };
 
