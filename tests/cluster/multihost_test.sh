@@ -126,6 +126,7 @@ else
   bad "could not build the namespaces"
   exit 1
 fi
+
 # --- security -----------------------------------------------------------------------------------
 SCHED_TLS=() FE_TLS=() WORKER_TLS=() WORKER_SECRET=()
 if [[ "$TLS" == 1 ]]; then
@@ -139,7 +140,7 @@ if [[ "$TLS" == 1 ]]; then
     bad "scripts/dev-certs.sh failed"
     exit 1
   fi
-  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/certs/kv.secret"  # 64 hex bytes
+  head -c 32 /dev/urandom >"$TMP/certs/kv.secret"
   C=$TMP/certs
   SCHED_TLS=(--tls-ca "$C/ca.crt" --tls-cert "$C/scheduler.crt" --tls-key "$C/scheduler.key")
   FE_TLS=(--tls-ca "$C/ca.crt" --tls-cert "$C/frontend.crt" --tls-key "$C/frontend.key")
@@ -217,8 +218,10 @@ if [[ "$TLS" == 1 ]]; then
   sleep 4 & wait $!
   if curl -s --max-time 3 "$SCHED_HTTP/debug/stats" | grep -q '"rogue"'; then
     bad "a worker without a client certificate registered"
+  elif ! grep -q "cannot register with scheduler" "$TMP/logs/rogue.log"; then
+    bad "the worker without a client certificate never tried to register (see rogue.log)"
   else
-    ok "a worker without a client certificate is not registered"
+    ok "a worker without a client certificate is refused by the scheduler"
   fi
   kill -KILL "${PIDS[rogue]}" 2>/dev/null
   wait "${PIDS[rogue]}" 2>/dev/null

@@ -232,6 +232,38 @@ TEST_P(KvTransportTest, ForgetMidTransferDiscardsLateFrames) {
   EXPECT_EQ(events_.FailedCount(3, 0), 0);
 }
 
+TEST_P(KvTransportTest, ForgetAllDropsEveryAgreement) {
+  // The worker lost its scheduler: nothing agreed before may land once it re-registers.
+  receiver_->Expect(3, 0, {4, 5});
+  receiver_->Expect(6, 0, {9});
+  ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 3, 0, 0, {4, 5}, 61).ok());
+  receiver_->ForgetAll();
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 3, 0, 1, {4, 5}, 61).ok());
+  EXPECT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 6, 0, 0, {9}, 61).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 3, 0).ok());
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 6, 0).ok());
+  RunGoodTransfer(7, {30, 31}, 62);
+  EXPECT_TRUE(BlocksUntouched({4, 5}, /*first_layer=*/1));
+  EXPECT_TRUE(BlocksUntouched({9}));
+  EXPECT_EQ(events_.ReadyCount(3, 0) + events_.ReadyCount(6, 0), 0);
+}
+
+TEST_P(KvTransportTest, UnknownTransferStallsItsConnectionOnlyOnce) {
+  // Frames of a transfer this receiver never agreed to (an ExpectKv lost with a scheduler, a
+  // healed partition) wait for the agreement once; the rest of them are dropped at once, so the
+  // transfers queued behind them on the same connection are not held for a wait per frame.
+  const auto start = std::chrono::steady_clock::now();
+  for (uint64_t layer = 0; layer < static_cast<uint64_t>(geometry_.num_layers); ++layer) {
+    ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 11, 0, layer, {1, 2}, 63).ok());
+  }
+  EXPECT_TRUE(FinishAndWait(*sender_, peer_, 11, 0).ok());
+  RunGoodTransfer(12, {20, 21}, 64);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(took, 2.0 * geometry_.num_layers) << "every unknown frame waited for an agreement";
+  EXPECT_TRUE(BlocksUntouched({1, 2}));
+  EXPECT_EQ(events_.ReadyCount(11, 0) + events_.FailedCount(11, 0), 0);
+}
+
 TEST_P(KvTransportTest, IncompleteTransferFailsOnFinish) {
   receiver_->Expect(5, 0, {1, 2, 3});
   ASSERT_TRUE(SendOneLayer(*sender_, peer_, geometry_, 5, 0, 0, {1, 2, 3}, 61).ok());

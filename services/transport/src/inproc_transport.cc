@@ -106,6 +106,7 @@ class InprocReceiver final : public KvReceiver {
               int state_slot) override {
     ep_->tracker.Expect({request_id, attempt}, std::move(blocks), state_slot);
   }
+  void ForgetAll() override { ep_->tracker.ForgetAll(); }
   void Forget(uint64_t request_id, uint32_t attempt) override {
     ep_->tracker.Forget({request_id, attempt});
   }

@@ -305,6 +305,8 @@ void TcpReceiver::Expect(uint64_t request_id, uint32_t attempt, std::vector<int3
   tracker_.Expect({request_id, attempt}, std::move(blocks), state_slot);
 }
 
+void TcpReceiver::ForgetAll() { tracker_.ForgetAll(); }
+
 void TcpReceiver::Forget(uint64_t request_id, uint32_t attempt) {
   tracker_.Forget({request_id, attempt});
 }

@@ -48,6 +48,7 @@ class TcpReceiver final : public KvReceiver {
   void Expect(uint64_t request_id, uint32_t attempt, std::vector<int32_t> blocks,
               int state_slot) override;
   void Forget(uint64_t request_id, uint32_t attempt) override;
+  void ForgetAll() override;
 
  private:
   struct Connection {

@@ -63,9 +63,26 @@ void TransferTracker::Forget(TransferKey key) {
   MarkEnded(key);
 }
 
+void TransferTracker::ForgetAll() {
+  std::unique_lock lock(mu_);
+  std::vector<TransferKey> keys;
+  keys.reserve(transfers_.size());
+  for (const auto& [key, t] : transfers_) keys.push_back(key);
+  for (TransferKey key : keys) {
+    RemoveAndDrain(lock, key);
+    MarkEnded(key);
+  }
+}
+
 void TransferTracker::AwaitAgreement(std::unique_lock<std::mutex>& lock, TransferKey key) {
-  agreed_.wait_for(lock, std::chrono::milliseconds(kAgreementWaitMs),
-                   [&] { return silenced_.load() || transfers_.contains(key) || ended_.contains(key); });
+  const bool known = agreed_.wait_for(lock, std::chrono::milliseconds(kAgreementWaitMs), [&] {
+    return silenced_.load() || transfers_.contains(key) || ended_.contains(key);
+  });
+  // ExpectKv reaches this worker before the sender is even told to start, so a transfer still
+  // unknown after the wait belongs to an agreement this worker never got or dropped (a scheduler
+  // it lost, a partition that healed): its remaining frames are discarded at once instead of each
+  // waiting again, which would stall every transfer queued behind them on the connection.
+  if (!known) MarkEnded(key);
 }
 
 void TransferTracker::MarkEnded(TransferKey key) {

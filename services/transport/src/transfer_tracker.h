@@ -85,6 +85,7 @@ class TransferTracker {
   // state is agreed (state frames are refused, and readiness needs none).
   void Expect(TransferKey key, std::vector<int32_t> blocks, int state_slot = -1);
   void Forget(TransferKey key);
+  void ForgetAll();
 
   // Checks layer < num_layers and is a KV layer, and that every id is in range, agreed for
   // `key` and not repeated in the frame. Call only after CheckLayerFraming (layer_checks.h).

@@ -312,6 +312,10 @@ void ServeStream(const WorkerContext& w, const v1::RegisterWorkerResponse& reg) 
   w.stream_up = false;
   w.link.Detach();
   w.engine.Reset();
+  // The next registration starts with the whole pool free: a transfer agreed under this one (its
+  // frames may still be in flight, e.g. behind a healed partition) must not write into blocks the
+  // scheduler hands out again.
+  if (w.receiver != nullptr) w.receiver->ForgetAll();
   w.inbound.Clear();
   end.Set();
   heartbeat.join();

@@ -167,6 +167,9 @@ class KvReceiver {
   // blocks may be handed to another request. (It waits for a frame being received into them:
   // at most io_timeout_ms when that peer stalls.)
   virtual void Forget(uint64_t request_id, uint32_t attempt) = 0;
+  // Forget() for every expectation at once: the worker lost its scheduler and re-registers with
+  // its whole pool free, so nothing agreed before may write a block from now on.
+  virtual void ForgetAll() = 0;
 };
 
 struct TransportOptions {
