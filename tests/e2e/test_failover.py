@@ -3,9 +3,11 @@ a clear error within seconds, the scheduler drops it, and new requests are serve
 The decode pools are small so that requests queue there: the tiny model generates far faster
 than a Python client reads, and only queued work guarantees streams are mid-flight at the kill."""
 import asyncio
+import json
 import os
 import signal
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -34,21 +36,47 @@ async def stream_until_end(client, i, started):
         return ("error", str(e), time.time())
 
 
+def running_requests(address):
+    """cleave_worker_running_requests of the worker whose HTTP port is `address`."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("cleave_worker_running_requests{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def kill_busy_decode_worker(cluster, timeout=30):
+    """The moment a decode worker's engine holds requests, SIGKILL it; returns its name and the
+    time. Those requests are decoding, so each has streamed its first token and must fail (a
+    request that streamed nothing would be re-run instead). Runs in its own thread and watches the
+    workers themselves: the client's view lags the server by seconds when the machine is busy
+    (48 streams of SSE parsing in one Python process), and a kill decided from it can land after
+    every request has finished."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.sched_http_port}/discovery/prometheus",
+                                timeout=5) as r:
+        decode = {g["labels"]["worker"]: g["targets"][0] for g in json.loads(r.read())
+                  if g["labels"]["role"] == "decode"}
+    pids = {name: cluster.worker_pids(name) for name in decode}
+    assert len(decode) == 2 and all(len(p) == 1 for p in pids.values()), (decode, pids)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for name, address in decode.items():
+            if running_requests(address) > 0:
+                os.kill(pids[name][0], signal.SIGKILL)
+                return name, time.time()
+        time.sleep(0.002)
+    raise AssertionError("no decode worker ever held a request")
+
+
 async def kill_mid_stream(cluster, streams):
     client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     started = asyncio.Event()
+    killer = asyncio.create_task(asyncio.to_thread(kill_busy_decode_worker, cluster))
     tasks = [asyncio.create_task(stream_until_end(client, i, started)) for i in range(streams)]
-    await asyncio.wait_for(started.wait(), 30)
-    # The decode worker holding the most requests right now is the victim.
-    busy = await asyncio.to_thread(
-        lambda: max((w for w in cluster.kv()["workers"] if w["role"] == "decode"), key=lambda w: w["used_blocks"]))
-    victim = cluster.worker_pids(busy["name"])
-    assert busy["used_blocks"] > 0 and len(victim) == 1, busy
-    killed_at = time.time()
-    os.kill(victim[0], signal.SIGKILL)
+    victim, killed_at = await killer
     results = await asyncio.gather(*tasks)
     await client.close()
-    return busy["name"], killed_at, results
+    return victim, killed_at, results
 
 
 def test_kill_decode_worker_mid_stream(pd2):
