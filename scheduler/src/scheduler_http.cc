@@ -122,14 +122,7 @@ std::string SchedulerHttp::Render() {
   return registry_.Render();
 }
 
-absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("scheduler http address '", address, "' is not HOST:PORT"));
-  }
-  admin::AdminServerOptions options;
-  options.host = address.substr(0, colon);
-  options.port = std::atoi(address.c_str() + colon + 1);
+absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const admin::AdminServerOptions& options) {
   std::map<std::string, admin::AdminHandler> routes = admin::StandardRoutes(
       registry_, [this]() -> std::string { return draining_.load() ? "draining" : ""; });
   // Fresh snapshot per scrape: the standard route renders the registry only.

@@ -25,8 +25,8 @@ class SchedulerHttp {
   static absl::StatusOr<std::unique_ptr<SchedulerHttp>> Create(std::function<v1::StatsResponse()> stats);
 
   SchedulerMetrics* metrics() { return metrics_.get(); }
-  // Starts the port; `address` is HOST:PORT. The object must outlive the returned server.
-  absl::StatusOr<std::unique_ptr<admin::AdminServer>> Serve(const std::string& address);
+  // Starts the port. The object must outlive the returned server.
+  absl::StatusOr<std::unique_ptr<admin::AdminServer>> Serve(const admin::AdminServerOptions& options);
   void SetDraining() { draining_.store(true, std::memory_order_relaxed); }
   std::string Render();  // what /metrics answers (fresh snapshot)
 

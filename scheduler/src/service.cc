@@ -301,8 +301,11 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   if (!http.ok()) return http.status();
   impl->http = std::move(*http);
   service->SetMetrics(impl->http->metrics());
-  if (options.http != "off") {
-    absl::StatusOr<std::unique_ptr<admin::AdminServer>> s = impl->http->Serve(options.http);
+  absl::StatusOr<std::optional<admin::AdminServerOptions>> http_options =
+      admin::ParseAdminAddress(options.http, "scheduler http");
+  if (!http_options.ok()) return http_options.status();
+  if (http_options->has_value()) {
+    absl::StatusOr<std::unique_ptr<admin::AdminServer>> s = impl->http->Serve(**http_options);
     if (!s.ok()) return s.status();
     impl->http_server = std::move(*s);
   }

@@ -42,8 +42,10 @@ void Drain(frontend::FrontendLifecycle& lifecycle, frontend::FrontendMetrics& me
 absl::StatusOr<std::unique_ptr<admin::AdminServer>> StartAdmin(const std::string& address,
                                                                const frontend::FrontendContext& ctx,
                                                                const frontend::FrontendMetrics& metrics) {
-  absl::StatusOr<std::pair<std::string, int>> hp = SplitHostPort(address);
-  if (!hp.ok()) return hp.status();
+  absl::StatusOr<std::optional<admin::AdminServerOptions>> options =
+      admin::ParseAdminAddress(address, "frontend admin_http");
+  if (!options.ok()) return options.status();
+  if (!options->has_value()) return std::unique_ptr<admin::AdminServer>();
   std::map<std::string, admin::AdminHandler> routes = admin::StandardRoutes(metrics.registry(), [] { return ""; });
   for (const char* path : {"/ready", "/debug/kv"}) {
     routes[path] = [&ctx, path] {
@@ -51,7 +53,7 @@ absl::StatusOr<std::unique_ptr<admin::AdminServer>> StartAdmin(const std::string
       return admin::AdminResponse{a.status, a.content_type, std::move(a.body)};
     };
   }
-  return admin::AdminServer::Start({hp->first, hp->second}, std::move(routes));
+  return admin::AdminServer::Start(**options, std::move(routes));
 }
 
 }  // namespace
@@ -93,15 +95,12 @@ absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
     if (!g.ok()) return g.status();
     grpc_api = std::move(*g);
   }
-  std::unique_ptr<admin::AdminServer> admin_server;
-  if (o.frontend.admin_http != "off") {
-    absl::StatusOr<std::unique_ptr<admin::AdminServer>> a = StartAdmin(o.frontend.admin_http, ctx, **metrics);
-    if (!a.ok()) return a.status();
-    admin_server = std::move(*a);
-  }
+  // Null when admin_http is "off".
+  absl::StatusOr<std::unique_ptr<admin::AdminServer>> admin_server = StartAdmin(o.frontend.admin_http, ctx, **metrics);
+  if (!admin_server.ok()) return admin_server.status();
   CLEAVE_LOG(Info) << "frontend: model " << ctx.model.id << ", HTTP on " << http->first << ":" << (*server)->port()
                    << (grpc_api ? absl::StrCat(", gRPC on port ", grpc_api->port()) : "")
-                   << (admin_server ? absl::StrCat(", admin HTTP on ", admin_server->address()) : "") << ", scheduler "
+                   << (*admin_server ? absl::StrCat(", admin HTTP on ", (*admin_server)->address()) : "") << ", scheduler "
                    << o.scheduler << (*tls_pem ? " (mutual TLS)" : "")
                    << (api_keys->enabled() ? absl::StrCat(", ", api_keys->size(), " API keys") : ", no API keys");
   shutdown.Wait();
@@ -109,7 +108,7 @@ absl::Status RunFrontend(const FrontendRunOptions& o, ShutdownLatch& shutdown) {
   CLEAVE_LOG(Info) << "frontend shutting down";
   (*server)->Stop();
   if (grpc_api) grpc_api->Stop();
-  if (admin_server) admin_server->Stop();
+  if (*admin_server) (*admin_server)->Stop();
   engine->Shutdown();
   return absl::OkStatus();
 }

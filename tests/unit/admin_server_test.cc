@@ -237,3 +237,28 @@ TEST(AdminServerStartTest, RefusesBadAddresses) {
 
 }  // namespace
 }  // namespace cleave::admin
+
+namespace cleave::admin {
+namespace {
+
+TEST(ParseAdminAddressTest, HostPortOrOff) {
+  auto off = ParseAdminAddress("off", "worker http");
+  ASSERT_TRUE(off.ok());
+  EXPECT_FALSE(off->has_value());
+  auto v4 = ParseAdminAddress("10.0.0.5:9100", "worker http");
+  ASSERT_TRUE(v4.ok() && v4->has_value());
+  EXPECT_EQ((*v4)->host, "10.0.0.5");
+  EXPECT_EQ((*v4)->port, 9100);
+  auto v6 = ParseAdminAddress("[::1]:0", "worker http");
+  ASSERT_TRUE(v6.ok() && v6->has_value());
+  EXPECT_EQ((*v6)->host, "::1");
+  EXPECT_EQ((*v6)->port, 0);
+  for (const char* bad : {"9100", ":9100", "host:", "host:x", "host:70000", "host:-1"}) {
+    auto r = ParseAdminAddress(bad, "worker http");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(r.status().message().find("worker http"), std::string_view::npos) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace cleave::admin

@@ -21,6 +21,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
 #include "cleave/common/metrics.h"
@@ -245,6 +246,25 @@ absl::StatusOr<std::unique_ptr<AdminServer>> AdminServer::Start(
   impl->thread = std::thread([ioc = &impl->ioc] { ioc->run(); });
   CLEAVE_LOG(Info) << "admin HTTP server listening on " << options.host << ":" << impl->port;
   return std::unique_ptr<AdminServer>(new AdminServer(std::move(impl)));
+}
+
+absl::StatusOr<std::optional<AdminServerOptions>> ParseAdminAddress(const std::string& address,
+                                                                    const std::string& what) {
+  if (address == "off") return std::nullopt;
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 || !absl::SimpleAtoi(address.substr(colon + 1), &port) ||
+      port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must be HOST:PORT or off, got '", address, "'"));
+  }
+  AdminServerOptions options;
+  options.host = address.substr(0, colon);
+  if (options.host.size() > 2 && options.host.front() == '[' && options.host.back() == ']') {
+    options.host = options.host.substr(1, options.host.size() - 2);
+  }
+  options.port = port;
+  return options;
 }
 
 void AdminServer::Stop() {

@@ -103,24 +103,6 @@ class InboundTransfers {
   absl::flat_hash_map<uint64_t, std::string> trace_ids_;
 };
 
-// `http`: "HOST:PORT" or "off" (nullopt).
-absl::StatusOr<std::optional<admin::AdminServerOptions>> ParseHttp(const std::string& http) {
-  if (http == "off") return std::nullopt;
-  const size_t colon = http.rfind(':');
-  admin::AdminServerOptions o;
-  if (colon == std::string::npos || colon == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("worker http must be HOST:PORT or off, got '", http, "'"));
-  }
-  o.host = http.substr(0, colon);
-  if (o.host.size() > 2 && o.host.front() == '[' && o.host.back() == ']') o.host = o.host.substr(1, o.host.size() - 2);
-  int port = -1;
-  if (std::sscanf(http.c_str() + colon + 1, "%d", &port) != 1 || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("worker http: bad port in '", http, "'"));
-  }
-  o.port = port;
-  return o;
-}
-
 // The engine loop is considered stuck past this (it wakes every Engine::kIdleWake when idle).
 constexpr std::chrono::seconds kEngineStallLimit{2};
 
@@ -350,7 +332,7 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
 }
 
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
-  CLEAVE_ASSIGN_OR_RETURN(const std::optional<admin::AdminServerOptions> http, ParseHttp(o.http));
+  CLEAVE_ASSIGN_OR_RETURN(const std::optional<admin::AdminServerOptions> http, admin::ParseAdminAddress(o.http, "worker http"));
   CLEAVE_CHECK_ARG(o.drain_grace_s >= 0, "drain_grace_s must be >= 0");
   // Read before the model loads: a bad path fails the start at once.
   CLEAVE_ASSIGN_OR_RETURN(const std::optional<tls::TlsPem> tls_pem,

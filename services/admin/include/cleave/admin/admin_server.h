@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -35,6 +36,11 @@ struct AdminServerOptions {
   std::string host = "127.0.0.1";
   int port = 0;  // 0 = any free port (see AdminServer::port())
 };
+
+// `address` as configured: "HOST:PORT" (a bracketed IPv6 host is unbracketed; port 0 = any free
+// port) or "off" (nullopt). InvalidArgument naming `what` (e.g. "worker http") otherwise.
+absl::StatusOr<std::optional<AdminServerOptions>> ParseAdminAddress(const std::string& address,
+                                                                    const std::string& what);
 
 class AdminServer {
  public:
