@@ -2,11 +2,9 @@
 scripts/dev-certs.sh), the KV transport's cluster secret, client API keys on the frontend's HTTP
 and gRPC APIs, and the frontend's admin listener. Every refusal is followed by a request that
 proves the service carries on."""
-import importlib
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +14,7 @@ import grpc
 import pytest
 
 from conftest import CLEAVE, MODEL, PD, ROOT, Cluster, free_port
+from test_grpc_api import pb  # noqa: F401  (fixture)
 
 PROMPT = "Once upon a time"
 KEY = "sk-test-0123456789abcdef"
@@ -44,18 +43,6 @@ def certs(tmp_path_factory):
 def other_certs(tmp_path_factory):
     """A second, unrelated CA and its certificates."""
     return make_certs(tmp_path_factory.mktemp("other") / "pki")
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory):
-    from grpc_tools import protoc
-    out = tmp_path_factory.mktemp("stubs")
-    rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}", f"--grpc_python_out={out}",
-                      str(ROOT / "proto/cleave/v1/generate.proto")])
-    assert rc == 0
-    sys.path.insert(0, str(out))
-    return (importlib.import_module("cleave.v1.generate_pb2"),
-            importlib.import_module("cleave.v1.generate_pb2_grpc"))
 
 
 def _serve(tmp, certs, frontend=None, extra_top="", api_key=None):
