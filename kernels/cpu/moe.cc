@@ -283,21 +283,27 @@ absl::Status RunExpert(int e, const MoeRouting& routing, const MoeExpertWeights&
   return Linear(act, weights.down[e], nullptr, y);
 }
 
-// out[t] = sum over slots j in order of topk_weights[t*k + j] * expert_out[slot_rows[t*k + j]].
-void Unpermute(const MoeRouting& routing, const MoeWorkspace& ws, int64_t d, Tensor& out) {
+// out[t] = sum over slots j in order of topk_weights[t*k + j] * rows[row_of(t*k + j)]: the one
+// combine of MoeExperts (rows permuted, row_of = slot_rows) and MoeCombine (row_of = identity).
+template <typename RowOf>
+void WeightedCombine(const MoeRouting& routing, const float* rows, RowOf row_of, int64_t d, Tensor& out) {
   const int64_t t = out.dim(0), k = routing.top_k, ldo = RowStride(out);
   float* o = out.data_as<float>();
-  const float* rows = ws.expert_out.data();
   cpu::ParallelFor(t, MinChunk(k * d), [&](int64_t begin, int64_t end) {
     for (int64_t token = begin; token < end; ++token) {
       const int64_t s0 = token * k;
       float* dst = o + token * ldo;
-      ScaleRow(routing.topk_weights[s0], rows + ws.slot_rows[s0] * d, d, dst);
+      ScaleRow(routing.topk_weights[s0], rows + row_of(s0) * d, d, dst);
       for (int64_t j = 1; j < k; ++j) {
-        AxpyRow(routing.topk_weights[s0 + j], rows + ws.slot_rows[s0 + j] * d, d, dst);
+        AxpyRow(routing.topk_weights[s0 + j], rows + row_of(s0 + j) * d, d, dst);
       }
     }
   });
+}
+
+void Unpermute(const MoeRouting& routing, const MoeWorkspace& ws, int64_t d, Tensor& out) {
+  WeightedCombine(routing, ws.expert_out.data(),
+                  [&](int64_t s) { return static_cast<int64_t>(ws.slot_rows[s]); }, d, out);
 }
 
 }  // namespace
@@ -361,6 +367,28 @@ absl::Status MoeExperts(const Tensor& x, const MoeRouting& routing, const MoeExp
     CLEAVE_RETURN_IF_ERROR(RunExpert(e, routing, weights, d, f, ws));
   }
   Unpermute(routing, ws, d, out);
+  return absl::OkStatus();
+}
+
+absl::Status MoeCombine(const Tensor& slot_out, const MoeRouting& routing, Tensor& out,
+                        Stream* stream) {
+  constexpr const char* kOp = "MoeCombine";
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "out", out, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "out", out));
+  const int64_t t = out.dim(0), d = out.dim(1);
+  if (t > 1 && out.stride(0) < d) return cpu::ArgError(kOp, "out", out, "has overlapping rows");
+  const int64_t k = routing.top_k;
+  if (routing.num_tokens != t || k < 1 ||
+      routing.topk_weights.size() != static_cast<size_t>(t * k)) {
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": routing is for ", routing.num_tokens,
+                                                   " tokens with top_k ", k, ", out has ", t, " rows"));
+  }
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "slot_out", slot_out, DType::kF32, {t * k, d}));
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckContiguous(kOp, "slot_out", slot_out));
+  if (Overlap(slot_out, out)) return cpu::ArgError(kOp, "out", out, "must not alias slot_out");
+  if (t == 0 || d == 0) return absl::OkStatus();
+  WeightedCombine(routing, slot_out.data_as<const float>(), [](int64_t s) { return s; }, d, out);
   return absl::OkStatus();
 }
 

@@ -24,20 +24,38 @@ using internal::F32;
 using internal::Grow;
 using internal::I32;
 
-DecoderModel::DecoderModel(ModelConfig config, std::unique_ptr<WeightStore> weights)
-    : config_(std::move(config)), weights_(std::move(weights)) {}
+DecoderModel::DecoderModel(ModelConfig config, std::unique_ptr<WeightStore> weights,
+                           LoadOptions options)
+    : config_(std::move(config)), options_(std::move(options)), weights_(std::move(weights)) {}
 
-absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::filesystem::path& model_dir) {
+absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::Load(const std::filesystem::path& model_dir,
+                                                                 LoadOptions options) {
   CLEAVE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   CLEAVE_ASSIGN_OR_RETURN(auto weights, WeightStore::Open(model_dir));
-  return FromWeights(std::move(config), std::move(weights));
+  return FromWeights(std::move(config), std::move(weights), std::move(options));
 }
 
 absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::FromWeights(
-    ModelConfig config, std::unique_ptr<WeightStore> weights) {
-  auto model = std::unique_ptr<DecoderModel>(new DecoderModel(std::move(config), std::move(weights)));
+    ModelConfig config, std::unique_ptr<WeightStore> weights, LoadOptions options) {
+  const int e = config.moe.num_experts;
+  std::vector<bool> owned(e + 1, options.part == LoadOptions::Part::kAll);
+  if (options.part == LoadOptions::Part::kFfn) {
+    for (int x : options.experts) {
+      CLEAVE_CHECK_ARG(x >= 0 && x < e, absl::StrCat("expert ", x, " is not one of the model's ", e));
+      CLEAVE_CHECK_ARG(!owned[x], absl::StrCat("expert ", x, " is listed twice"));
+      owned[x] = true;
+    }
+    owned[e] = options.shared_expert && config.moe.shared_expert_intermediate_size > 0;
+  }
+  auto model = std::unique_ptr<DecoderModel>(
+      new DecoderModel(std::move(config), std::move(weights), std::move(options)));
+  model->owned_experts_ = std::move(owned);
   CLEAVE_RETURN_IF_ERROR(model->BindWeights());
   return model;
+}
+
+bool DecoderModel::owns_expert(int expert) const {
+  return expert >= 0 && expert < static_cast<int>(owned_experts_.size()) && owned_experts_[expert];
 }
 
 // Norm weights, biases, conv kernels and A are small and read every step: keep them as owned f32
@@ -104,17 +122,20 @@ absl::Status DecoderModel::BindWeights() {
                        static_cast<int>(c.layer_ffn.size()) == c.num_hidden_layers,
                    "model config has no per-layer kinds");
   // Tensors point into owned_'s inner vectors; growing owned_ moves them, which keeps their buffers.
-  CLEAVE_ASSIGN_OR_RETURN(embed_, weights_->Get(mamba_model ? "backbone.embeddings.weight"
-                                                            : "model.embed_tokens.weight",
-                                                {c.vocab_size, d}));
-  const char* final_norm = mamba_model               ? "backbone.norm_f.weight"
-                           : arch == Architecture::kJamba ? "model.final_layernorm.weight"
-                                                          : "model.norm.weight";
-  CLEAVE_ASSIGN_OR_RETURN(final_norm_, VectorF32(final_norm, d));
-  if (c.tie_word_embeddings) {
-    lm_head_ = embed_;
-  } else {
-    CLEAVE_ASSIGN_OR_RETURN(lm_head_, weights_->Get("lm_head.weight", {c.vocab_size, d}));
+  const bool mixers = binds_mixers(), ffn = binds_ffn();
+  if (mixers) {
+    CLEAVE_ASSIGN_OR_RETURN(embed_, weights_->Get(mamba_model ? "backbone.embeddings.weight"
+                                                              : "model.embed_tokens.weight",
+                                                  {c.vocab_size, d}));
+    const char* final_norm = mamba_model               ? "backbone.norm_f.weight"
+                             : arch == Architecture::kJamba ? "model.final_layernorm.weight"
+                                                            : "model.norm.weight";
+    CLEAVE_ASSIGN_OR_RETURN(final_norm_, VectorF32(final_norm, d));
+    if (c.tie_word_embeddings) {
+      lm_head_ = embed_;
+    } else {
+      CLEAVE_ASSIGN_OR_RETURN(lm_head_, weights_->Get("lm_head.weight", {c.vocab_size, d}));
+    }
   }
   const bool jamba = arch == Architecture::kJamba;
   layers_.resize(c.num_hidden_layers);
@@ -123,30 +144,34 @@ absl::Status DecoderModel::BindWeights() {
     Layer& L = layers_[l];
     L.mixer = c.layer_mixer[l];
     L.ffn = c.layer_ffn[l];
-    CLEAVE_ASSIGN_OR_RETURN(L.input_norm, VectorF32(p + (mamba_model ? "norm.weight" : "input_layernorm.weight"), d));
-    if (L.ffn != FfnKind::kNone) {
-      CLEAVE_ASSIGN_OR_RETURN(L.post_norm, VectorF32(p + (jamba ? "pre_ff_layernorm.weight"
-                                                                : "post_attention_layernorm.weight"), d));
+    if (mixers) {
+      CLEAVE_ASSIGN_OR_RETURN(L.input_norm, VectorF32(p + (mamba_model ? "norm.weight" : "input_layernorm.weight"), d));
+      if (L.ffn != FfnKind::kNone) {
+        CLEAVE_ASSIGN_OR_RETURN(L.post_norm, VectorF32(p + (jamba ? "pre_ff_layernorm.weight"
+                                                                  : "post_attention_layernorm.weight"), d));
+      }
+      if (L.mixer == MixerKind::kAttention) {
+        CLEAVE_RETURN_IF_ERROR(BindAttention(p + "self_attn.", L.attn));
+      } else {
+        CLEAVE_RETURN_IF_ERROR(BindMamba(p + (mamba_model ? "mixer." : "mamba."), L.mamba));
+      }
     }
-    if (L.mixer == MixerKind::kAttention) {
-      CLEAVE_RETURN_IF_ERROR(BindAttention(p + "self_attn.", L.attn));
-    } else {
-      CLEAVE_RETURN_IF_ERROR(BindMamba(p + (mamba_model ? "mixer." : "mamba."), L.mamba));
-    }
-    const std::string ffn = p + (jamba ? "feed_forward." : "mlp.");
+    const std::string ffn_prefix = p + (jamba ? "feed_forward." : "mlp.");
     switch (L.ffn) {
       case FfnKind::kNone: break;
       case FfnKind::kDense:
-        CLEAVE_RETURN_IF_ERROR(BindDense(ffn, "gate_proj", "up_proj", "down_proj", c.intermediate_size, L.mlp));
+        if (ffn) {
+          CLEAVE_RETURN_IF_ERROR(BindDense(ffn_prefix, "gate_proj", "up_proj", "down_proj", c.intermediate_size, L.mlp));
+        }
         break;
       case FfnKind::kMoe:
-        CLEAVE_RETURN_IF_ERROR(BindMoe(arch == Architecture::kMixtral ? p + "block_sparse_moe." : ffn, L.moe));
+        CLEAVE_RETURN_IF_ERROR(BindMoe(arch == Architecture::kMixtral ? p + "block_sparse_moe." : ffn_prefix, L.moe));
         break;
     }
   }
   if (c.mlp_bias) return absl::InvalidArgumentError("mlp_bias: true is not supported yet");
 
-  if (c.num_layers_of(MixerKind::kAttention) == 0 || !c.use_rope) return absl::OkStatus();
+  if (!mixers || c.num_layers_of(MixerKind::kAttention) == 0 || !c.use_rope) return absl::OkStatus();
   const int64_t half = c.rope.rotary_dim / 2;
   const int64_t positions = c.max_position_embeddings;
   rope_cos_.assign(positions * half, 0.0f);
@@ -191,6 +216,7 @@ void DecoderModel::Reserve(Workspace& ws, int t) const {
 absl::StatusOr<HiddenState> DecoderModel::Embed(const ForwardBatch& batch, Workspace& ws) const {
   const int t = batch.num_tokens();
   CLEAVE_CHECK_ARG(t > 0, "forward batch has no tokens");
+  CLEAVE_CHECK_ARG(binds_mixers(), "this model instance holds only FFN weights (an FFN worker's)");
   Reserve(ws, t);
   HiddenState h{F32(ws.residual, t, config_.hidden_size), F32(ws.delta, t, config_.hidden_size)};
   CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(I32(batch.token_ids), embed_, h.residual));
@@ -256,9 +282,9 @@ absl::Status DecoderModel::RunFfn(int layer, Workspace& ws, HiddenState& h) cons
   const Layer& L = layers_[layer];
   // A Mamba block has no FFN: its mixer's delta is folded in by the next layer's norm.
   if (L.ffn == FfnKind::kNone) return absl::OkStatus();
-  const int64_t t = h.residual.dim(0);
-  Tensor normed = F32(ws.normed, t, c.hidden_size);
-  CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(h.delta, h.residual, L.post_norm, c.rms_norm_eps, normed));
+  CLEAVE_CHECK_ARG(options_.part == LoadOptions::Part::kAll,
+                   "this model instance holds part of the FFN weights: run the FFN through AFD");
+  CLEAVE_ASSIGN_OR_RETURN(Tensor normed, FfnInput(layer, ws, h));
   if (L.ffn == FfnKind::kMoe) return RunMoe(L, layer, ws, normed, h);
   return RunDense(L.mlp, c.intermediate_size, ws, normed, h.delta);
 }

@@ -27,7 +27,7 @@ bool SchedulerCore::Impl::HasPdPair() const {
   for (const auto& [id, w] : workers) {
     if (w->draining) continue;
     prefill |= w->role() == v1::WORKER_ROLE_PREFILL;
-    decode |= w->role() == v1::WORKER_ROLE_DECODE;
+    decode |= IsDecodeTarget(*w);
   }
   return prefill && decode;
 }
@@ -43,8 +43,9 @@ int64_t SchedulerCore::Impl::MaxModelLen() const {
   int64_t len = std::numeric_limits<int64_t>::max();
   bool any = false;
   for (const auto& [id, w] : workers) {
-    const bool serves =
-        pd ? w->role() != v1::WORKER_ROLE_COLOCATED : w->role() == v1::WORKER_ROLE_COLOCATED;
+    // FFN workers (no KV) and attention workers of incomplete AFD groups take no requests.
+    const bool serves = pd ? w->role() == v1::WORKER_ROLE_PREFILL || IsDecodeTarget(*w)
+                           : w->role() == v1::WORKER_ROLE_COLOCATED;
     if (!serves) continue;
     len = std::min(len, w->max_length());
     any = true;
@@ -165,7 +166,10 @@ void SchedulerCore::OnWorkerMessage(WorkerId worker, const v1::WorkerMessage& me
       break;
     case v1::WorkerMessage::kDrain:
       // Nothing new goes there; what it holds runs to its end (the worker leaves when idle).
-      w->draining = true;
+      if (!w->draining) {
+        w->draining = true;
+        impl_->OnAfdWorkerDraining(*w);
+      }
       break;
     default:  // hello_worker_id is the service's business; nothing else is known
       break;
@@ -207,6 +211,10 @@ v1::StatsResponse SchedulerCore::Stats() const {
     ws->set_num_preempted(w->num_preempted);
     ws->set_draining(w->draining);
     ws->set_http_address(w->reg.http_address());
+    if (w->role() == v1::WORKER_ROLE_ATTENTION || w->role() == v1::WORKER_ROLE_FFN) {
+      ws->set_afd_group(w->reg.afd_group());
+    }
+    if (w->role() == v1::WORKER_ROLE_ATTENTION) ws->set_afd_complete(w->afd_complete);
   }
   stats.set_num_waiting(impl_->num_waiting);
   stats.set_num_waiting_tokens(impl_->waiting_tokens);

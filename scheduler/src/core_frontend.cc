@@ -57,10 +57,7 @@ void SchedulerCore::Submit(FrontendId frontend, const v1::SubmitRequest& request
                   absl::StrCat("max_tokens must be > 0, got ", request.max_tokens()));
   }
   if (!HasServingCapacity()) {
-    return reject(kCodeUnavailable,
-                  "no serving capacity registered (no prefill + decode pair, "
-                  "no colocated worker)",
-                  M::kNoCapacity);
+    return reject(kCodeUnavailable, s.NoCapacityReason(), M::kNoCapacity);
   }
   const int64_t max_model_len = s.MaxModelLen();
   bool too_long = false;

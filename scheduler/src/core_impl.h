@@ -5,6 +5,7 @@
 //   core_placement.cc  Schedule(): policy order, worker choice, allocation, placement preemption
 //   core_results.cc    step results, KV notices, growth of decoding requests
 //   core_lifecycle.cc  ending, preempting and re-running requests; releasing their blocks
+//   core_afd.cc        attention-FFN disaggregation: AFD groups, their peers, a lost FFN worker
 // Not thread-safe (see scheduler_core.h).
 #pragma once
 
@@ -41,8 +42,16 @@ struct SchedulerCore::Impl {
   // --- lookups -----------------------------------------------------------------------------
   Request* FindRequest(RequestId id);
   Worker* FindWorker(WorkerId id);
+  // A prefill worker and a decode target, neither draining.
   bool HasPdPair() const;
   bool HasColocated() const;
+  // What a P/D placement may put the decode side on: a DECODE worker, or an ATTENTION worker
+  // whose AFD group is complete. Draining is the callers' business, as for every role
+  // (has_room(), HasPdPair()).
+  static bool IsDecodeTarget(const Worker& w) {
+    return w.role() == v1::WORKER_ROLE_DECODE ||
+           (w.role() == v1::WORKER_ROLE_ATTENTION && w.afd_complete);
+  }
   // The longest sequence any request may reach: min over the workers of the current mode.
   int64_t MaxModelLen() const;
   int block_size() const { return geometry ? geometry->block_size() : 0; }
@@ -124,12 +133,40 @@ struct SchedulerCore::Impl {
   // --- workers (core_workers.cc) -------------------------------------------------------------
   void OnWorkerLost(Worker& worker, const std::string& why);
 
+  // --- AFD (core_afd.cc) ---------------------------------------------------------------------
+  // An AFD group's state as of its last membership change.
+  struct AfdGroup {
+    bool complete = false;
+    std::string why;  // AfdGroupComplete's reason while incomplete
+  };
+  // Recomputes `group`'s completeness from its non-draining FFN members and sets afd_complete
+  // on its attention members; forgets a group without members.
+  void RefreshAfdGroup(const std::string& group);
+  // AfdPeers (the group's FFN members, draining ones included, and its completeness) to every
+  // attention member of `group`, or only to `only` when it is not 0.
+  void SendAfdPeers(const std::string& group, WorkerId only = 0);
+  void OnAfdWorkerAdded(const Worker& worker);
+  void OnAfdWorkerDraining(const Worker& worker);  // it was not draining before
+  // `worker` (already out of `workers`) left. An FFN worker: its group's peers change, and the
+  // requests on the group's attention workers fail unless it was draining and the group still
+  // runs without it.
+  void OnAfdWorkerLost(const Worker& worker, const std::string& why);
+  // Why no decode target can take a request needing `num_blocks` decode blocks although an
+  // attention worker of an incomplete AFD group could ("no decode capacity: AFD group g0 is
+  // incomplete: expert 3 has no FFN worker"); "" when a non-draining decode target could, or no
+  // non-draining attention worker could either.
+  std::string AfdBlocker(int num_blocks = 0) const;
+  // Why HasServingCapacity() is false, for errors and readiness.
+  std::string NoCapacityReason() const;
+
   SchedulerConfig config;
   SchedulerMetrics* metrics = nullptr;
   Outbox outbox;
   std::map<WorkerId, std::unique_ptr<Worker>> workers;  // ordered: ties go to the lowest id
   // The model and geometry every worker must match (the first live worker's registration).
+  // An FFN registration (no KV pool) stands in only while no KV-holding worker is registered.
   std::optional<v1::RegisterWorkerRequest> geometry;
+  std::map<std::string, AfdGroup> afd_groups;  // by name; ordered for stable messages
   absl::flat_hash_map<RequestId, std::unique_ptr<Request>> requests;
   absl::flat_hash_map<std::pair<FrontendId, uint64_t>, RequestId> by_client;
   WaitingQueue waiting;

@@ -19,10 +19,12 @@ struct Choice {
   int headroom = 0;          // free blocks left after the allocation (< 0: does not fit)
 };
 
-bool AnyWorkerHolds(const std::map<WorkerId, std::unique_ptr<Worker>>& workers, v1::WorkerRole role,
+// Whether a worker that `serves` (draining or not) has a pool of at least num_blocks.
+template <typename Pred>
+bool AnyWorkerHolds(const std::map<WorkerId, std::unique_ptr<Worker>>& workers, Pred serves,
                     int num_blocks) {
   return std::any_of(workers.begin(), workers.end(), [&](const auto& entry) {
-    return entry.second->role() == role && entry.second->blocks.num_blocks() >= num_blocks;
+    return serves(*entry.second) && entry.second->blocks.num_blocks() >= num_blocks;
   });
 }
 
@@ -70,8 +72,15 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlacePd(Request& r) {
   const int need_d = CeilDiv(len + 1, bs);
   const int need_p = CeilDiv(len, bs);
   const int max_hit = (len - 1) / bs;  // at least one prompt token is always computed
-  if (!AnyWorkerHolds(workers, v1::WORKER_ROLE_DECODE, need_d) ||
-      !AnyWorkerHolds(workers, v1::WORKER_ROLE_PREFILL, need_p)) {
+  const bool decode_holds = AnyWorkerHolds(workers, IsDecodeTarget, need_d);
+  if (!decode_holds ||
+      !AnyWorkerHolds(
+          workers, [](const Worker& w) { return w.role() == v1::WORKER_ROLE_PREFILL; }, need_p)) {
+    // It would fit an attention worker whose AFD group cannot run: say so, not "does not fit".
+    if (std::string afd = decode_holds ? "" : AfdBlocker(need_d); !afd.empty()) {
+      Fail(r, kCodeUnavailable, afd);
+      return PlaceResult::kDropped;
+    }
     Fail(r, kCodeInvalidArgument,
          absl::StrCat(len, " tokens do not fit the KV pool of any registered worker"));
     return PlaceResult::kDropped;
@@ -83,7 +92,7 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlacePd(Request& r) {
     // Decode worker: the most free blocks once this request is in, then the fewest running.
     d = Choice();
     for (auto& [id, w] : workers) {
-      if (w->role() != v1::WORKER_ROLE_DECODE || !w->has_room()) continue;
+      if (!IsDecodeTarget(*w) || !w->has_room()) continue;
       MatchPrefix(*w, r, max_hit, &hit);
       const int headroom = w->blocks.HeadroomAfter(hit, need_d);
       if (d.worker == nullptr || headroom > d.headroom ||
@@ -154,7 +163,8 @@ SchedulerCore::Impl::PlaceResult SchedulerCore::Impl::PlaceColocated(Request& r)
   const int bs = block_size();
   const int len = static_cast<int>(r.tokens.size());
   const int need = CeilDiv(len + 1, bs);
-  if (!AnyWorkerHolds(workers, v1::WORKER_ROLE_COLOCATED, need)) {
+  if (!AnyWorkerHolds(
+          workers, [](const Worker& w) { return w.role() == v1::WORKER_ROLE_COLOCATED; }, need)) {
     Fail(r, kCodeInvalidArgument,
          absl::StrCat(len, " tokens do not fit the KV pool of any registered worker"));
     return PlaceResult::kDropped;
@@ -205,10 +215,12 @@ void SchedulerCore::Impl::FailWaitingWithoutCapacity(Clock now) {
     if (r->state == RequestState::kWaiting) ids.push_back(id);
   }
   std::sort(ids.begin(), ids.end());
-  for (RequestId id : ids) {
-    Fail(*FindRequest(id), kCodeUnavailable,
-         absl::StrCat("no serving capacity registered for ", now - *no_capacity_since, " ms"));
-  }
+  // With attention workers registered, the likely cause is an incomplete AFD group: name it.
+  const std::string afd = AfdBlocker();
+  const std::string message =
+      absl::StrCat("no serving capacity registered for ", now - *no_capacity_since, " ms",
+                   afd.empty() ? "" : ": ", afd);
+  for (RequestId id : ids) Fail(*FindRequest(id), kCodeUnavailable, message);
   no_capacity_since.reset();
 }
 

@@ -19,6 +19,10 @@ std::string RoleLabel(v1::WorkerRole role) {
       return "decode";
     case v1::WORKER_ROLE_COLOCATED:
       return "colocated";
+    case v1::WORKER_ROLE_ATTENTION:
+      return "attention";
+    case v1::WORKER_ROLE_FFN:
+      return "ffn";
     default:
       return "other";
   }
@@ -58,8 +62,9 @@ constexpr WorkerSeries kWorkerSeries[] = {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<SchedulerHttp>> SchedulerHttp::Create(std::function<v1::StatsResponse()> stats) {
-  std::unique_ptr<SchedulerHttp> http(new SchedulerHttp(std::move(stats)));
+absl::StatusOr<std::unique_ptr<SchedulerHttp>> SchedulerHttp::Create(std::function<v1::StatsResponse()> stats,
+                                                                     std::function<std::string()> not_ready) {
+  std::unique_ptr<SchedulerHttp> http(new SchedulerHttp(std::move(stats), std::move(not_ready)));
   CLEAVE_ASSIGN_OR_RETURN(http->metrics_, SchedulerMetrics::Create(http->registry_));
   CLEAVE_RETURN_IF_ERROR(http->RegisterGauges());
   return http;
@@ -91,7 +96,8 @@ absl::Status SchedulerHttp::RegisterGauges() {
       "cleave_scheduler_workers", "Registered workers, by role.", metrics::MetricType::kGauge, {"role"}, [this] {
         const v1::StatsResponse s = Snapshot();
         std::vector<metrics::Sample> out;
-        for (v1::WorkerRole role : {v1::WORKER_ROLE_PREFILL, v1::WORKER_ROLE_DECODE, v1::WORKER_ROLE_COLOCATED}) {
+        for (v1::WorkerRole role : {v1::WORKER_ROLE_PREFILL, v1::WORKER_ROLE_DECODE, v1::WORKER_ROLE_COLOCATED,
+                                    v1::WORKER_ROLE_ATTENTION, v1::WORKER_ROLE_FFN}) {
           double n = 0;
           for (const v1::WorkerStats& w : s.workers()) n += w.role() == role ? 1 : 0;
           out.push_back({{RoleLabel(role)}, n});
@@ -124,7 +130,10 @@ std::string SchedulerHttp::Render() {
 
 absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const admin::AdminServerOptions& options) {
   std::map<std::string, admin::AdminHandler> routes = admin::StandardRoutes(
-      registry_, [this]() -> std::string { return draining_.load() ? "draining" : ""; });
+      registry_, [this]() -> std::string {
+        if (draining_.load()) return "draining";
+        return not_ready_ ? not_ready_() : std::string();
+      });
   // Fresh snapshot per scrape: the standard route renders the registry only.
   routes["/metrics"] = [this] {
     return admin::AdminResponse{200, std::string(metrics::kContentType), Render()};
@@ -154,6 +163,8 @@ absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const a
                          {"cached_blocks", w.cached_blocks()},
                          {"draining", w.draining()},
                          {"http_address", w.http_address()}});
+      if (!w.afd_group().empty()) workers.back()["afd_group"] = w.afd_group();
+      if (w.role() == v1::WORKER_ROLE_ATTENTION) workers.back()["afd_complete"] = w.afd_complete();
     }
     nlohmann::json body = {{"waiting", s.num_waiting()}, {"running", s.num_running()},
                            {"finished", s.num_finished()}, {"workers", workers}};

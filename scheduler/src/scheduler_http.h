@@ -1,5 +1,6 @@
 // The scheduler's HTTP port (admin::AdminServer): /metrics (the recorded SchedulerMetrics plus
-// gauges collected from a Stats() snapshot at each scrape), /health, /ready (not while draining),
+// gauges collected from a Stats() snapshot at each scrape), /health, /ready (not while draining,
+// nor while SchedulerCore::NotReadyReason() says why not, e.g. an incomplete AFD group),
 // /discovery/prometheus (Prometheus HTTP service discovery: every registered worker's HTTP port,
 // labelled with its role and name), /debug/stats (the Stats() snapshot as JSON). Private to
 // cleave_scheduler.
@@ -9,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "cleave/admin/admin_server.h"
@@ -20,9 +22,10 @@ namespace cleave::scheduler {
 
 class SchedulerHttp {
  public:
-  // `stats` returns the scheduler's current Stats(); it is called from the HTTP thread and takes
-  // the service's lock itself.
-  static absl::StatusOr<std::unique_ptr<SchedulerHttp>> Create(std::function<v1::StatsResponse()> stats);
+  // `stats` returns the scheduler's current Stats(), `not_ready` (may be empty) why it cannot serve
+  // ("" when it can); both are called from the HTTP thread and take the service's lock themselves.
+  static absl::StatusOr<std::unique_ptr<SchedulerHttp>> Create(std::function<v1::StatsResponse()> stats,
+                                                               std::function<std::string()> not_ready = {});
 
   SchedulerMetrics* metrics() { return metrics_.get(); }
   // Starts the port. The object must outlive the returned server.
@@ -31,11 +34,13 @@ class SchedulerHttp {
   std::string Render();  // what /metrics answers (fresh snapshot)
 
  private:
-  explicit SchedulerHttp(std::function<v1::StatsResponse()> stats) : stats_(std::move(stats)) {}
+  SchedulerHttp(std::function<v1::StatsResponse()> stats, std::function<std::string()> not_ready)
+      : stats_(std::move(stats)), not_ready_(std::move(not_ready)) {}
   absl::Status RegisterGauges();
   v1::StatsResponse Snapshot() const;
 
   const std::function<v1::StatsResponse()> stats_;
+  const std::function<std::string()> not_ready_;
   metrics::Registry registry_;
   std::unique_ptr<SchedulerMetrics> metrics_;
   std::atomic<bool> draining_{false};

@@ -114,6 +114,10 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
     std::lock_guard lock(mu_);
     return core_.Stats();
   }
+  std::string NotReadyReason() {
+    std::lock_guard lock(mu_);
+    return core_.NotReadyReason();
+  }
 
   void StopTicker() {
     {
@@ -132,6 +136,7 @@ class SchedulerServiceImpl final : public v1::Scheduler::Service {
     std::lock_guard lock(mu_);
     absl::StatusOr<WorkerId> id = core_.AddWorker(reg, NowMs());
     if (!id.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(id.status().message()));
+    // Messages for it (AfdPeers right away) wait in its queue until its stream opens.
     workers_[*id] = std::make_shared<WorkerQueue>();
     reply->set_worker_id(*id);
     reply->set_lease_ms(core_.config().lease_ms);
@@ -297,7 +302,8 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(const Sc
   impl->service = std::make_unique<SchedulerServiceImpl>(options.config);
   SchedulerServiceImpl* service = impl->service.get();
   absl::StatusOr<std::unique_ptr<SchedulerHttp>> http =
-      SchedulerHttp::Create([service] { return service->CurrentStats(); });
+      SchedulerHttp::Create([service] { return service->CurrentStats(); },
+                            [service] { return service->NotReadyReason(); });
   if (!http.ok()) return http.status();
   impl->http = std::move(*http);
   service->SetMetrics(impl->http->metrics());

@@ -20,7 +20,10 @@ struct Worker {
       : id(worker_id),
         reg(registration),
         last_heartbeat(now),
-        blocks(registration.num_kv_blocks(), registration.block_size()) {
+        // An FFN worker (AFD) holds no KV and no state, whatever its registration says.
+        blocks(registration.role() == v1::WORKER_ROLE_FFN ? 0 : registration.num_kv_blocks(),
+               registration.block_size()) {
+    if (role() == v1::WORKER_ROLE_FFN) return;
     // Lowest slot on top, so a fresh worker hands out 0, 1, 2, ...
     for (int32_t s = registration.num_state_slots() - 1; s >= 0; --s) free_slots.push_back(s);
   }
@@ -69,6 +72,7 @@ struct Worker {
   int reported_waiting = 0;         // StepResults.num_waiting of its last step
   uint64_t num_preempted = 0;       // requests preempted off it
   bool draining = false;            // it sent Drain: no new placements
+  bool afd_complete = false;        // ATTENTION: its AFD group can run (a decode target then)
 };
 
 }  // namespace cleave::scheduler

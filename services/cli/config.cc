@@ -6,7 +6,10 @@
 #include <set>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cleave/common/status.h"
 
 namespace cleave::cli {
@@ -75,7 +78,9 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root, const std::string& bas
     for (const YAML::Node& w : ws) {
       if (auto st = CheckKeys(w, "a worker group", {"role", "replicas", "kv_blocks", "kv_cache_mb", "block_size",
                                                    "max_batch_tokens", "max_running", "threads", "kv_listen_host", "http",
-                                                   "drain_grace_s", "kv_advertise_host"});
+                                                   "drain_grace_s", "kv_advertise_host", "afd_group",
+                                                   "micro_batches", "ffn_call_timeout_ms", "ffn_experts",
+                                                   "ffn_shared_expert", "ffn_listen_host", "ffn_port"});
           !st.ok()) {
         return st;
       }
@@ -96,6 +101,24 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root, const std::string& bas
       Read(w, "kv_advertise_host", g.options.kv_advertise_host);
       Read(w, "http", g.options.http);
       Read(w, "drain_grace_s", g.options.drain_grace_s);
+      Read(w, "afd_group", g.options.afd_group);
+      Read(w, "micro_batches", g.options.micro_batches);
+      Read(w, "ffn_call_timeout_ms", g.options.ffn_call_timeout_ms);
+      Read(w, "ffn_experts", g.options.ffn_experts);
+      Read(w, "ffn_shared_expert", g.options.ffn_shared_expert);
+      Read(w, "ffn_listen_host", g.options.ffn_listen_host);
+      Read(w, "ffn_port", g.options.ffn_port);
+      const bool afd = g.options.role == v1::WORKER_ROLE_ATTENTION || g.options.role == v1::WORKER_ROLE_FFN;
+      if (afd && g.options.afd_group.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("workers[].afd_group is required for the ", role, " role"));
+      }
+      if (g.options.micro_batches < 1 || g.options.micro_batches > 8) {
+        return absl::InvalidArgumentError("workers[].micro_batches must be in [1, 8]");
+      }
+      if ((!g.options.ffn_experts.empty() || g.options.ffn_shared_expert) && g.replicas != 1) {
+        return absl::InvalidArgumentError(
+            "workers[].ffn_experts names one FFN worker's experts: give each such group replicas: 1");
+      }
       if (g.replicas < 1) return absl::InvalidArgumentError("workers[].replicas must be at least 1");
       if (g.options.drain_grace_s < 0) return absl::InvalidArgumentError("workers[].drain_grace_s must be >= 0");
       c.workers.push_back(g);
@@ -174,6 +197,11 @@ absl::Status ValidatePorts(const ServeConfig& c) {
   for (size_t i = 0; i < c.workers.size(); ++i) {
     CLEAVE_RETURN_IF_ERROR(Claim(ranges, absl::StrCat("workers[", i, "].http"), c.workers[i].options.http, true,
                                  c.workers[i].replicas));
+    const worker::WorkerProcessOptions& o = c.workers[i].options;
+    if (o.role == v1::WORKER_ROLE_FFN && o.ffn_port != 0) {
+      CLEAVE_RETURN_IF_ERROR(Claim(ranges, absl::StrCat("workers[", i, "].ffn_port"),
+                                   absl::StrCat(o.ffn_listen_host, ":", o.ffn_port), false, c.workers[i].replicas));
+    }
   }
   for (size_t i = 0; i < ranges.size(); ++i) {
     for (size_t j = i + 1; j < ranges.size(); ++j) {
@@ -193,6 +221,36 @@ absl::StatusOr<std::string> ReplicaHttpAddress(const std::string& group_http, in
   if (!hp.ok()) return hp.status();
   if (hp->second == 0) return group_http;
   return absl::StrCat(hp->first, ":", hp->second + replica);
+}
+
+absl::StatusOr<std::vector<int>> ParseIntList(const std::string& text, const std::string& what) {
+  std::vector<int> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int v = 0;
+    if (!absl::SimpleAtoi(part, &v)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": '", std::string(part), "' is not an integer"));
+    }
+    out.push_back(v);
+  }
+  return out;
+}
+
+std::vector<std::string> AfdWorkerArgs(const WorkerGroup& g, int replica) {
+  const worker::WorkerProcessOptions& o = g.options;
+  std::vector<std::string> argv;
+  if (o.role == v1::WORKER_ROLE_ATTENTION) {
+    argv = {"--afd-group", o.afd_group, "--micro-batches", std::to_string(o.micro_batches),
+            "--ffn-call-timeout-ms", std::to_string(o.ffn_call_timeout_ms)};
+  } else if (o.role == v1::WORKER_ROLE_FFN) {
+    argv = {"--afd-group", o.afd_group, "--ffn-host", o.ffn_listen_host, "--ffn-port",
+            std::to_string(o.ffn_port == 0 ? 0 : o.ffn_port + replica)};
+    if (!o.ffn_experts.empty()) argv.insert(argv.end(), {"--ffn-experts", absl::StrJoin(o.ffn_experts, ",")});
+    if (o.ffn_shared_expert) argv.push_back("--ffn-shared-expert");
+    if (o.ffn_experts.empty() && !o.ffn_shared_expert) {
+      argv.insert(argv.end(), {"--ffn-shard", std::to_string(replica), "--ffn-shards", std::to_string(g.replicas)});
+    }
+  }
+  return argv;
 }
 
 ServeConfig DefaultServeConfig() {

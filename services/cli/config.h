@@ -62,6 +62,11 @@ absl::Status ValidatePorts(const ServeConfig& config);
 absl::StatusOr<std::string> ReplicaHttpAddress(const std::string& group_http, int replica);
 // "HOST:PORT" -> (host, port); InvalidArgument naming the address otherwise.
 absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address);
+// "0,2,4" -> {0, 2, 4}; InvalidArgument naming `what` otherwise.
+absl::StatusOr<std::vector<int>> ParseIntList(const std::string& text, const std::string& what);
+// The argv of `cleave worker` that `cleave serve` adds for an attention or ffn group's replica r
+// (--afd-group, --micro-batches, --ffn-shard r --ffn-shards replicas, ...); empty for other roles.
+std::vector<std::string> AfdWorkerArgs(const WorkerGroup& group, int replica);
 // The built-in default: scheduler, one prefill and one decode worker, frontend on :8000.
 ServeConfig DefaultServeConfig();
 

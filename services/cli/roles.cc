@@ -91,10 +91,13 @@ void RegisterWorker(CLI::App& app) {
     TlsArgs tls;
     int kv_blocks = -1, kv_cache_mb = -1, block_size = -1, max_batch_tokens = -1, max_running = -1;
     int threads = -1, kv_port = -1, drain_grace_s = -1;
+    std::string afd_group, ffn_host, ffn_experts;
+    int micro_batches = -1, ffn_call_timeout_ms = -1, ffn_shard = -1, ffn_shards = -1, ffn_port = -1;
+    bool ffn_shared_expert = false;
   };
   auto args = std::make_shared<Args>();
-  CLI::App* cmd = app.add_subcommand("worker", "Run one worker (prefill, decode or colocated)");
-  cmd->add_option("--role", args->role, "prefill, decode or colocated")->required();
+  CLI::App* cmd = app.add_subcommand("worker", "Run one worker (prefill, decode, colocated, attention or ffn)");
+  cmd->add_option("--role", args->role, "prefill, decode, colocated, attention or ffn")->required();
   cmd->add_option("--scheduler", args->scheduler, "scheduler HOST:PORT (default: the config's)");
   cmd->add_option("--config", args->config, "YAML config (the first workers: group of this role)");
   cmd->add_option("--model", args->model, "model directory");
@@ -117,6 +120,18 @@ void RegisterWorker(CLI::App& app) {
                   "(default: the config's kv_secret_file; none = unauthenticated)");
   cmd->add_option("--kv-advertise-host", args->kv_advertise_host,
                   "host prefill workers dial for this worker's KV (default: --kv-host)");
+  cmd->add_option("--afd-group", args->afd_group, "attention / ffn roles: the AFD group (required for them)");
+  cmd->add_option("--micro-batches", args->micro_batches,
+                  "attention role: micro-batches per step, 1-3 (default 2: ping-pong)");
+  cmd->add_option("--ffn-call-timeout-ms", args->ffn_call_timeout_ms,
+                  "attention role: an FFN answer later than this fails the step (default 5000)");
+  cmd->add_option("--ffn-shard", args->ffn_shard, "ffn role: this worker's index in its group (default 0)");
+  cmd->add_option("--ffn-shards", args->ffn_shards, "ffn role: FFN workers in the group (default 1)");
+  cmd->add_option("--ffn-experts", args->ffn_experts,
+                  "ffn role: the experts it owns, e.g. 0,2,4 (default: its share of the placement)");
+  cmd->add_flag("--ffn-shared-expert", args->ffn_shared_expert, "ffn role, with --ffn-experts: own the shared expert");
+  cmd->add_option("--ffn-host", args->ffn_host, "ffn role: address the activation listener binds (default 127.0.0.1)");
+  cmd->add_option("--ffn-port", args->ffn_port, "ffn role: activation listener port (default: any free port)");
   AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
@@ -149,6 +164,19 @@ void RegisterWorker(CLI::App& app) {
     }
     if (args->drain_grace_s >= 0) o.drain_grace_s = args->drain_grace_s;
     if (!args->kv_advertise_host.empty()) o.kv_advertise_host = args->kv_advertise_host;
+    if (!args->afd_group.empty()) o.afd_group = args->afd_group;
+    if (args->micro_batches >= 0) o.micro_batches = args->micro_batches;
+    if (args->ffn_call_timeout_ms >= 0) o.ffn_call_timeout_ms = args->ffn_call_timeout_ms;
+    if (args->ffn_shard >= 0) o.ffn_shard = args->ffn_shard;
+    if (args->ffn_shards >= 0) o.ffn_shards = args->ffn_shards;
+    if (!args->ffn_experts.empty()) {
+      absl::StatusOr<std::vector<int>> experts = ParseIntList(args->ffn_experts, "--ffn-experts");
+      if (!experts.ok()) return Fail(experts.status());
+      o.ffn_experts = *experts;
+    }
+    if (args->ffn_shared_expert) o.ffn_shared_expert = true;
+    if (!args->ffn_host.empty()) o.ffn_listen_host = args->ffn_host;
+    if (args->ffn_port >= 0) o.ffn_port = args->ffn_port;
     const std::string secret_file =
         args->kv_secret_file.empty() ? c->kv_secret_file : ResolvePath(args->kv_secret_file);
     if (!secret_file.empty()) {
@@ -187,6 +215,18 @@ void RegisterFrontend(CLI::App& app) {
   cmd->add_option("--admin-http", args->admin_http,
                   "HOST:PORT of an admin listener without API keys: /metrics, /health, /ready, /debug/kv "
                   "(default off; bind it to an internal address)");
+  cmd->add_option("--afd-group", args->afd_group, "attention / ffn roles: the AFD group (required for them)");
+  cmd->add_option("--micro-batches", args->micro_batches,
+                  "attention role: micro-batches per step, 1-3 (default 2: ping-pong)");
+  cmd->add_option("--ffn-call-timeout-ms", args->ffn_call_timeout_ms,
+                  "attention role: an FFN answer later than this fails the step (default 5000)");
+  cmd->add_option("--ffn-shard", args->ffn_shard, "ffn role: this worker's index in its group (default 0)");
+  cmd->add_option("--ffn-shards", args->ffn_shards, "ffn role: FFN workers in the group (default 1)");
+  cmd->add_option("--ffn-experts", args->ffn_experts,
+                  "ffn role: the experts it owns, e.g. 0,2,4 (default: its share of the placement)");
+  cmd->add_flag("--ffn-shared-expert", args->ffn_shared_expert, "ffn role, with --ffn-experts: own the shared expert");
+  cmd->add_option("--ffn-host", args->ffn_host, "ffn role: address the activation listener binds (default 127.0.0.1)");
+  cmd->add_option("--ffn-port", args->ffn_port, "ffn role: activation listener port (default: any free port)");
   AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();

@@ -34,6 +34,7 @@
 #include "cleave/common/shutdown.h"
 #include "cleave/common/tls.h"
 #include "cleave/frontend/api_keys.h"
+#include "cleave/worker/worker_metrics.h"
 #include "commands.h"
 #include "config.h"
 
@@ -222,9 +223,7 @@ absl::Status RunServe(const std::string& config_path) {
             Stage::kScheduler);
   int index = 0;
   for (const WorkerGroup& g : config->workers) {
-    const std::string role = g.options.role == v1::WORKER_ROLE_PREFILL  ? "prefill"
-                             : g.options.role == v1::WORKER_ROLE_DECODE ? "decode"
-                                                                        : "colocated";
+    const std::string role = worker::RoleLabel(g.options.role);
     for (int r = 0; s.ok() && r < g.replicas; ++r, ++index) {
       const std::string name = absl::StrCat(role, "-", r);
       absl::StatusOr<std::string> worker_http = ReplicaHttpAddress(g.options.http, r);
@@ -244,6 +243,8 @@ absl::Status RunServe(const std::string& config_path) {
       if (!g.options.kv_advertise_host.empty()) {
         argv.insert(argv.end(), {"--kv-advertise-host", g.options.kv_advertise_host});
       }
+      const std::vector<std::string> afd = AfdWorkerArgs(g, r);
+      argv.insert(argv.end(), afd.begin(), afd.end());
       s = start(name, add(argv, security->worker), Stage::kWorkers);
     }
   }

@@ -7,6 +7,7 @@
 #include "cleave/common/logging.h"
 #include "cleave/common/status.h"
 #include "cleave/kernels/sampling.h"
+#include "cleave/worker/afd.h"
 #include "cleave/worker/worker_metrics.h"
 
 namespace cleave::worker {
@@ -386,6 +387,27 @@ absl::Status Engine::RunLayers(const model::ForwardBatch& batch, const std::vect
   return absl::OkStatus();
 }
 
+absl::Status Engine::RunAfd(const std::vector<Seq*>& members, const std::vector<std::pair<int, int>>& spans) {
+  std::vector<int> tokens;
+  for (const auto& [begin, end] : spans) tokens.push_back(end - begin);
+  const std::vector<int> starts = SplitMicroBatches(tokens, options_.afd->micro_batches());
+  const int m = static_cast<int>(starts.size()) - 1;
+  micro_batches_.resize(m);
+  const int bs = cache_.block_size();
+  for (int i = 0; i < m; ++i) {
+    model::ForwardBatch& mb = micro_batches_[i];
+    mb = model::ForwardBatch();
+    for (int j = starts[i]; j < starts[i + 1]; ++j) {
+      const Seq& s = *members[j];
+      const int n = spans[j].second - spans[j].first;
+      mb.AddSequence(std::span(s.tokens).subspan(spans[j].first, n), spans[j].first, s.blocks, bs,
+                     spans[j].second == static_cast<int>(s.tokens.size()), s.state_slot);
+    }
+    CLEAVE_RETURN_IF_ERROR(mb.Finalize());
+  }
+  return options_.afd->Run(std::span<const model::ForwardBatch>(micro_batches_.data(), m), logits_);
+}
+
 bool Engine::Step() {
   ApplyDeltas();
   if (seqs_.empty()) return false;
@@ -442,13 +464,22 @@ bool Engine::Step() {
 
   // The step histogram times forward + sample only; composing is bookkeeping.
   const auto forward_start = metrics != nullptr ? std::chrono::steady_clock::now() : start;
-  absl::Status status = batch.Finalize();
   const bool ship = options_.role == v1::WORKER_ROLE_PREFILL;
-  absl::StatusOr<model::HiddenState> h = status.ok() ? model_.Embed(batch, ws_) : absl::StatusOr<model::HiddenState>(status);
-  status = h.status();
-  if (status.ok()) status = RunLayers(batch, members, spans, *h);
-  if (status.ok()) status = model_.ComputeLogits(batch, ws_, *h, logits_);
-  if (metrics != nullptr) metrics->AddExpertTokens(ws_.expert_tokens);
+  absl::Status status;
+  if (options_.afd != nullptr) {
+    status = RunAfd(members, spans);
+    if (metrics != nullptr) {
+      metrics->AddExpertTokens(options_.afd->expert_tokens());
+      metrics->RecordAfd(options_.afd->TakeStats());
+    }
+  } else {
+    status = batch.Finalize();
+    absl::StatusOr<model::HiddenState> h = status.ok() ? model_.Embed(batch, ws_) : absl::StatusOr<model::HiddenState>(status);
+    status = h.status();
+    if (status.ok()) status = RunLayers(batch, members, spans, *h);
+    if (status.ok()) status = model_.ComputeLogits(batch, ws_, *h, logits_);
+    if (metrics != nullptr) metrics->AddExpertTokens(ws_.expert_tokens);
+  }
   if (!status.ok()) {
     for (Seq* s : members) fail(*s, "step", status);
   } else {

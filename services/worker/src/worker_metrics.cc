@@ -1,5 +1,7 @@
 #include "cleave/worker/worker_metrics.h"
 
+#include "cleave/worker/afd.h"
+
 #include <algorithm>
 #include <string>
 #include <utility>
@@ -37,6 +39,10 @@ const char* RoleLabel(v1::WorkerRole role) {
       return "prefill";
     case v1::WORKER_ROLE_DECODE:
       return "decode";
+    case v1::WORKER_ROLE_ATTENTION:
+      return "attention";
+    case v1::WORKER_ROLE_FFN:
+      return "ffn";
     default:
       return "colocated";
   }
@@ -162,7 +168,36 @@ absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Create(
       m->expert_tokens_[l].push_back(c);
     }
   }
+  if (o.role == v1::WORKER_ROLE_ATTENTION) {
+    // Seconds as counters: rate(wait) / rate(round_trip) is the exposed share of the exchange,
+    // 1 minus it what ping-pong hides behind the other micro-batches' mixers.
+    const std::pair<metrics::Counter**, std::pair<const char*, const char*>> afd[] = {
+        {&m->afd_calls_, {"cleave_afd_calls_total", "Activation calls to FFN workers answered."}},
+        {&m->afd_round_trip_seconds_,
+         {"cleave_afd_round_trip_seconds_total", "Sum of the calls' round trips (send to answer in)."}},
+        {&m->afd_wait_seconds_,
+         {"cleave_afd_wait_seconds_total", "Time the attention side spent blocked on FFN answers."}},
+        {&m->afd_compute_seconds_,
+         {"cleave_afd_ffn_compute_seconds_total", "FFN workers' compute time inside the calls."}},
+        {&m->afd_bytes_sent_, {"cleave_afd_sent_bytes_total", "Activation payload bytes sent to FFN workers."}},
+        {&m->afd_bytes_received_,
+         {"cleave_afd_received_bytes_total", "Activation payload bytes received from FFN workers."}},
+    };
+    for (const auto& [slot, text] : afd) {
+      CLEAVE_ASSIGN_OR_RETURN(*slot, r.AddCounter(text.first, text.second));
+    }
+  }
   return m;
+}
+
+void WorkerMetrics::RecordAfd(const AfdStats& s) const {
+  if (afd_calls_ == nullptr) return;
+  afd_calls_->Inc(s.calls);
+  afd_round_trip_seconds_->Inc(static_cast<double>(s.round_trip_us) * 1e-6);
+  afd_wait_seconds_->Inc(static_cast<double>(s.wait_us) * 1e-6);
+  afd_compute_seconds_->Inc(static_cast<double>(s.compute_us) * 1e-6);
+  afd_bytes_sent_->Inc(s.bytes_sent);
+  afd_bytes_received_->Inc(s.bytes_received);
 }
 
 void WorkerMetrics::AddExpertTokens(std::vector<std::vector<int64_t>>& counts) const {

@@ -19,7 +19,9 @@
 #include "cleave/common/tls.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/v1/control.grpc.pb.h"
+#include "cleave/worker/afd.h"
 #include "cleave/worker/engine.h"
+#include "cleave/worker/ffn_service.h"
 #include "cleave/worker/worker_metrics.h"
 
 namespace cleave::worker {
@@ -107,7 +109,7 @@ class InboundTransfers {
 constexpr std::chrono::seconds kEngineStallLimit{2};
 
 std::string NotReadyReason(const ShutdownLatch& shutdown, const std::atomic<bool>& stream_up,
-                           const Engine& engine) {
+                           const Engine& engine, const FfnGroup* group, const std::string& afd_group) {
   if (shutdown.requested()) return "draining";
   const double age =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - engine.last_iteration()).count();
@@ -117,6 +119,9 @@ std::string NotReadyReason(const ShutdownLatch& shutdown, const std::atomic<bool
     return buf;
   }
   if (!stream_up.load()) return "not registered with the scheduler";
+  if (group != nullptr && !group->complete()) {
+    return absl::StrCat("AFD group ", afd_group, " is incomplete (", group->describe(), ")");
+  }
   return "";
 }
 
@@ -191,7 +196,18 @@ struct WorkerContext {
   Link& link;
   InboundTransfers& inbound;
   std::atomic<bool>& stream_up;  // readiness: registered and the stream is open
+  FfnGroup* group;               // ATTENTION role only
+  FfnService* ffn;               // FFN role only
 };
+
+// An FFN worker is done when its attention workers have stopped calling: they finish the
+// requests they hold once the scheduler stops placing on the group.
+constexpr std::chrono::seconds kFfnQuiet{1};
+
+bool HoldsWork(const WorkerContext& w) {
+  if (w.ffn != nullptr) return w.ffn->CalledWithin(kFfnQuiet);
+  return !(w.engine.Idle() && w.inbound.empty());
+}
 
 // Heartbeats keep the lease; a lapsed lease ends the stream so that the worker re-registers.
 // They go on through a drain: the scheduler must not expire a worker that is finishing its work.
@@ -231,7 +247,7 @@ void DrainWhenAsked(const WorkerContext& w, grpc::ClientContext& ctx, StreamEnd&
   const auto deadline =
       std::chrono::steady_clock::now() + std::chrono::seconds(w.options.drain_grace_s);
   bool drained = true;
-  while (!(w.engine.Idle() && w.inbound.empty())) {
+  while (HoldsWork(w)) {
     if (end.WaitFor(std::chrono::milliseconds(50))) return;
     if (std::chrono::steady_clock::now() >= deadline) {
       drained = false;
@@ -250,6 +266,14 @@ void DrainWhenAsked(const WorkerContext& w, grpc::ClientContext& ctx, StreamEnd&
 }
 
 void Dispatch(const WorkerContext& w, v1::SchedulerMessage msg) {
+  if (msg.has_afd_peers()) {
+    if (w.group != nullptr) {
+      w.group->SetPeers(msg.afd_peers());
+      CLEAVE_LOG(Info) << "AFD group " << w.options.afd_group << ": " << w.group->describe()
+                       << (msg.afd_peers().complete() ? "" : " (incomplete)");
+    }
+    return;
+  }
   if (msg.has_expect_kv() && w.receiver) {
     // The blocks and slot may have belonged to a request removed just before: let the engine
     // drop it (finish its current step) before anything may write them for the new one.
@@ -298,6 +322,7 @@ void ServeStream(const WorkerContext& w, const v1::RegisterWorkerResponse& reg) 
   // frames may still be in flight, e.g. behind a healed partition) must not write into blocks the
   // scheduler hands out again.
   if (w.receiver != nullptr) w.receiver->ForgetAll();
+  if (w.group != nullptr) w.group->Clear();
   w.inbound.Clear();
   end.Set();
   heartbeat.join();
@@ -327,8 +352,10 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
   if (role == "prefill") return v1::WORKER_ROLE_PREFILL;
   if (role == "decode") return v1::WORKER_ROLE_DECODE;
   if (role == "colocated") return v1::WORKER_ROLE_COLOCATED;
+  if (role == "attention") return v1::WORKER_ROLE_ATTENTION;
+  if (role == "ffn") return v1::WORKER_ROLE_FFN;
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown worker role '", role, "' (prefill, decode or colocated)"));
+      absl::StrCat("unknown worker role '", role, "' (prefill, decode, colocated, attention or ffn)"));
 }
 
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
@@ -338,11 +365,30 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   CLEAVE_ASSIGN_OR_RETURN(const std::optional<tls::TlsPem> tls_pem,
                           tls::LoadTlsPem({o.tls_ca_file, o.tls_cert_file, o.tls_key_file}));
   if (o.threads > 0) kernels::SetCpuThreads(o.threads);
-  CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir));
+  const bool attention = o.role == v1::WORKER_ROLE_ATTENTION, ffn = o.role == v1::WORKER_ROLE_FFN;
+  CLEAVE_CHECK_ARG(!(attention || ffn) || !o.afd_group.empty(), "the attention and ffn roles need an afd_group");
+  CLEAVE_CHECK_ARG(o.micro_batches >= 1 && o.micro_batches <= 8, "micro_batches must be in [1, 8]");
+  CLEAVE_CHECK_ARG(o.ffn_call_timeout_ms > 0, "ffn_call_timeout_ms must be positive");
+  // An attention worker binds no FFN projection, an FFN worker nothing but its FFNs.
+  model::LoadOptions load;
+  model::FfnShardPlan plan;
+  if (attention) load.part = model::LoadOptions::Part::kAttention;
+  if (ffn) {
+    CLEAVE_ASSIGN_OR_RETURN(const model::ModelConfig model_config, model::LoadModelConfig(o.model_dir));
+    CLEAVE_ASSIGN_OR_RETURN(plan, FfnPlan(o, model_config));
+    load.part = model::LoadOptions::Part::kFfn;
+    load.experts = plan.experts;
+    load.shared_expert = plan.shared_expert;
+  }
+  CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir, load));
   model::ModelConfig config = model->config();
   CLEAVE_CHECK_ARG(o.block_size > 0, "block_size must be positive");
-  CLEAVE_ASSIGN_OR_RETURN(const int num_blocks, ModelBlocks(o, config));
-  const int num_slots = StateSlots(o, config);
+  // An FFN worker holds no requests: a one-block pool keeps the engine's invariants cheaply.
+  int num_blocks = 1;
+  if (!ffn) {
+    CLEAVE_ASSIGN_OR_RETURN(num_blocks, ModelBlocks(o, config));
+  }
+  const int num_slots = ffn ? 0 : StateSlots(o, config);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache,
                           model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend(),
                                                  num_slots));
@@ -371,7 +417,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   std::unique_ptr<transport::KvSender> sender;
   if (o.role == v1::WORKER_ROLE_PREFILL) sender = transport::CreateKvSender(topts);
   std::unique_ptr<transport::KvReceiver> receiver;
-  if (o.role == v1::WORKER_ROLE_DECODE) {
+  if (o.role == v1::WORKER_ROLE_DECODE || attention) {
     transport::ReceiverCallbacks callbacks;
     callbacks.on_ready = [&link](uint64_t id, uint32_t attempt) {
       v1::WorkerMessage m;
@@ -391,7 +437,24 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     CLEAVE_ASSIGN_OR_RETURN(receiver, transport::CreateKvReceiver("tcp", topts, store, callbacks));
   }
 
+  std::unique_ptr<FfnService> ffn_service;
+  if (ffn) {
+    CLEAVE_ASSIGN_OR_RETURN(ffn_service, FfnService::Start(*model, plan, o, registry));
+  }
+  std::unique_ptr<FfnGroup> group;
+  std::unique_ptr<AfdForward> afd;
+  if (attention) {
+    transport::ActivationOptions a;
+    a.hidden_size = config.hidden_size;
+    a.num_layers = config.num_hidden_layers;
+    a.secret = o.kv_secret;
+    a.io_timeout_ms = o.ffn_call_timeout_ms;
+    group = std::make_unique<FfnGroup>(a);
+    afd = std::make_unique<AfdForward>(*model, *cache, *group, AfdOptions{o.micro_batches, o.ffn_call_timeout_ms});
+  }
+
   EngineOptions eopts;
+  eopts.afd = afd.get();
   eopts.role = o.role;
   eopts.max_batch_tokens = o.max_batch_tokens;
   eopts.max_running = o.max_running;
@@ -402,7 +465,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   std::unique_ptr<admin::AdminServer> admin_server;  // stopped before the engine it reads goes
   if (http.has_value()) {
     auto routes = admin::StandardRoutes(
-        registry, [&] { return NotReadyReason(shutdown, stream_up, engine); });
+        registry, [&] { return NotReadyReason(shutdown, stream_up, engine, group.get(), o.afd_group); });
     CLEAVE_ASSIGN_OR_RETURN(admin_server, admin::AdminServer::Start(*http, std::move(routes)));
   }
   std::thread engine_thread([&] { engine.Run(); });
@@ -413,10 +476,18 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
                    << " tokens"
                    << (num_slots > 0 ? absl::StrCat(", ", num_slots, " Mamba state slots") : "")
                    << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "")
+                   << (ffn_service ? absl::StrCat(", FFN of AFD group ", o.afd_group, " on ", ffn_service->address(),
+                                                  " (", plan.experts.size(), " experts",
+                                                  plan.shared_expert ? " + shared" : "", ")")
+                                   : "")
+                   << (afd ? absl::StrCat(", attention of AFD group ", o.afd_group, " (", o.micro_batches,
+                                          " micro-batches)")
+                           : "")
                    << (admin_server ? absl::StrCat(", HTTP on ", admin_server->address()) : "")
                    << (tls_pem ? ", mutual TLS to the scheduler" : "")
                    << (o.kv_secret.empty() ? "" : ", KV transport authenticated");
-  const WorkerContext w{o, shutdown, *stub, engine, receiver.get(), link, inbound, stream_up};
+  const WorkerContext w{o,         shutdown,   *stub,       engine,           receiver.get(),
+                        link,      inbound,    stream_up,   group.get(),      ffn_service.get()};
 
   std::string last_failure;
   int failures_since_logged = 0;
@@ -424,10 +495,12 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     v1::RegisterWorkerRequest reg;
     reg.set_role(o.role);
     reg.set_model_id(model_id);
-    reg.set_num_kv_blocks(num_blocks);
+    reg.set_num_kv_blocks(ffn ? 0 : num_blocks);
     reg.set_block_size(o.block_size);
-    reg.set_max_batch_tokens(o.max_batch_tokens);
-    reg.set_max_running(o.max_running);
+    reg.set_max_batch_tokens(ffn ? 0 : o.max_batch_tokens);
+    reg.set_max_running(ffn ? 0 : o.max_running);
+    reg.set_afd_group(o.afd_group);
+    if (ffn_service) *reg.mutable_ffn() = ffn_service->shard();
     if (receiver) reg.set_kv_address(receiver->address());
     reg.set_num_layers(config.num_hidden_layers);
     reg.set_vocab_size(config.vocab_size);
@@ -461,6 +534,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     ServeStream(w, reg_reply);
   }
   if (admin_server) admin_server->Stop();
+  if (ffn_service) ffn_service->Stop();
   engine.Stop();
   engine_thread.join();
   CLEAVE_LOG(Info) << "worker " << name << " stopped";

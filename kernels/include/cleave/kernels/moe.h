@@ -68,6 +68,14 @@ struct MoeWorkspace {
                                       const MoeExpertWeights& weights, MoeWorkspace& ws, Tensor& out,
                                       Stream* stream = nullptr);
 
+// The weighted un-permute of MoeExperts on its own, for when the experts ran elsewhere (attention-
+// FFN disaggregation: the FFN workers send back each slot's unweighted expert output).
+// slot_out: f32 [T*k, D], row s = the output of slot s's expert for token s / k; out: f32 [T, D]
+// (overwritten) = sum over j in slot order of topk_weights[t*k + j] * slot_out[t*k + j], with
+// exactly the arithmetic of MoeExperts, so the two agree bit for bit.
+[[nodiscard]] absl::Status MoeCombine(const Tensor& slot_out, const MoeRouting& routing, Tensor& out,
+                                      Stream* stream = nullptr);
+
 // out[t, :] += sigmoid(gate_logit[t, 0]) * y[t, :]. gate_logit: f32 [T, 1]; y, out: f32 [T, D].
 [[nodiscard]] absl::Status SigmoidGatedAdd(const Tensor& gate_logit, const Tensor& y, Tensor& out,
                                            Stream* stream = nullptr);

@@ -17,6 +17,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -48,6 +49,18 @@ struct Workspace {
   std::vector<std::vector<int64_t>> expert_tokens;
 };
 
+// Which weights a process binds (they are views of the mapped files: what is not bound is never
+// paged in). Attention-FFN disaggregation splits them: an attention worker binds everything but
+// the FFN projections (it keeps the FFN norms, the routers and the shared-expert gate, because it
+// normalises and routes), an FFN worker only the dense FFNs and the experts it owns.
+struct LoadOptions {
+  enum class Part { kAll, kAttention, kFfn };
+  Part part = Part::kAll;
+  // kFfn: the routed experts this worker owns (any order); the shared expert if `shared_expert`.
+  std::vector<int> experts;
+  bool shared_expert = false;
+};
+
 // The residual stream of the T tokens of one pass, f32 [T, hidden] each.
 struct HiddenState {
   kernels::Tensor residual;
@@ -59,9 +72,11 @@ class DecoderModel {
   // Loads config.json and the safetensors weights of `model_dir`, checking every tensor's shape
   // against the config. The weight files stay mapped for the model's lifetime.
   // Models with Mamba layers read and write the state slots named by ForwardBatch::state_slots.
-  static absl::StatusOr<std::unique_ptr<DecoderModel>> Load(const std::filesystem::path& model_dir);
+  static absl::StatusOr<std::unique_ptr<DecoderModel>> Load(const std::filesystem::path& model_dir,
+                                                            LoadOptions options = {});
   static absl::StatusOr<std::unique_ptr<DecoderModel>> FromWeights(ModelConfig config,
-                                                                 std::unique_ptr<WeightStore> weights);
+                                                                 std::unique_ptr<WeightStore> weights,
+                                                                 LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }
 
@@ -77,6 +92,33 @@ class DecoderModel {
   [[nodiscard]] absl::Status RunFfn(int layer, Workspace& ws, HiddenState& h) const;
   [[nodiscard]] absl::Status ComputeLogits(const ForwardBatch& batch, Workspace& ws, HiddenState& h,
                                            std::vector<float>& logits) const;
+
+  // Attention-FFN disaggregation: RunFfn cut at the wire (see decoder_afd.cc). The attention side
+  // runs FfnInput (and for MoE layers RouteMoe), ships `normed` to the FFN workers, and folds
+  // their answer back with CombineMoe (MoE; dense answers land in h.delta as they are). The FFN
+  // side runs FfnDense / FfnExperts. Together they compute bit for bit what RunFfn does.
+  FfnKind ffn_kind(int layer) const { return layers_[layer].ffn; }
+  // AddRmsNorm with the layer's FFN norm: the residual absorbs the mixer's delta; returns the
+  // normalised rows (a view of ws.normed). Layers without an FFN must not call it.
+  [[nodiscard]] absl::StatusOr<kernels::Tensor> FfnInput(int layer, Workspace& ws, HiddenState& h) const;
+  // Router logits and top-k into ws.routing (counted in ws.expert_tokens), and the shared
+  // expert's gate logits into ws.shared_gate when the model has one.
+  [[nodiscard]] absl::Status RouteMoe(int layer, const kernels::Tensor& normed, Workspace& ws) const;
+  // h.delta = the weighted sum of slot_out ([T*k, D], slot order) + the gated shared expert
+  // output (shared_out [T, D]; required exactly when the model has a shared expert).
+  [[nodiscard]] absl::Status CombineMoe(int layer, const kernels::Tensor& slot_out,
+                                        const kernels::Tensor* shared_out, Workspace& ws,
+                                        HiddenState& h) const;
+  // FFN side. x, out: f32 [T, D]. FfnExperts: row i of out = expert experts[i] (the model's
+  // num_experts = the shared expert) applied to x[rows[i]], unweighted; every expert must be
+  // owned (LoadOptions) and every row < T.
+  [[nodiscard]] absl::Status FfnDense(int layer, const kernels::Tensor& x, kernels::Tensor& out,
+                                      Workspace& ws) const;
+  [[nodiscard]] absl::Status FfnExperts(int layer, const kernels::Tensor& x,
+                                        std::span<const int32_t> rows,
+                                        std::span<const int32_t> experts, kernels::Tensor& out,
+                                        Workspace& ws) const;
+  bool owns_expert(int expert) const;
 
  private:
   struct AttentionWeights {
@@ -129,12 +171,16 @@ class DecoderModel {
   absl::Status RunMoe(const Layer& L, int layer, Workspace& ws, const kernels::Tensor& normed,
                       HiddenState& h) const;
 
-  DecoderModel(ModelConfig config, std::unique_ptr<WeightStore> weights);
+  DecoderModel(ModelConfig config, std::unique_ptr<WeightStore> weights, LoadOptions options);
+  bool binds_mixers() const { return options_.part != LoadOptions::Part::kFfn; }
+  bool binds_ffn() const { return options_.part != LoadOptions::Part::kAttention; }
   absl::Status BindWeights();
   absl::StatusOr<kernels::Tensor> VectorF32(const std::string& name, int64_t n);
   void Reserve(Workspace& ws, int tokens) const;
 
   ModelConfig config_;
+  LoadOptions options_;
+  std::vector<bool> owned_experts_;  // [num_experts + 1]; the last is the shared expert
   std::unique_ptr<WeightStore> weights_;
   std::vector<std::vector<float>> owned_;  // f32 copies of small vectors (norms, biases)
   std::vector<Layer> layers_;

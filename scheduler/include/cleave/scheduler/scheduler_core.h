@@ -31,6 +31,16 @@
 //    workers that still hold the request; a failed request sends FAILED.
 //  - The scheduler ends a request by length when max_tokens are streamed, and on a stop id, even
 //    if the worker did not flag it (then the worker gets RemoveRequest FINISHED).
+//
+// Attention-FFN disaggregation (AFD): an ATTENTION worker is a decode target exactly like a
+// DECODE worker while its AFD group (RegisterWorkerRequest.afd_group) is complete
+// (afd_group.h: its non-draining FFN workers own every expert exactly once, and so on). FFN
+// workers hold no KV and are never placed on. Attention workers get AfdPeers (the group's FFN
+// workers, draining ones included, and whether the group is complete) right after they register
+// and whenever an FFN worker of the group registers, drains or leaves. When an FFN worker is
+// lost (or a drained one leaves a group that is incomplete without it), every request on the
+// group's attention workers fails with UNAVAILABLE naming the group and the worker (no re-run:
+// the group cannot serve it). New requests meet an incomplete group's reason in their error.
 #pragma once
 
 #include <cstdint>
@@ -99,7 +109,10 @@ class SchedulerCore {
   // --- workers -------------------------------------------------------------------------------
   // InvalidArgument for an unusable registration (no blocks, block_size <= 0, unknown role,
   // prefill/decode without kv_address where needed, a model or geometry different from the
-  // workers already registered).
+  // workers already registered; AFD: an attention or FFN worker without afd_group, an FFN worker
+  // without ffn.address or with experts outside [0, num_experts) or listed twice). An FFN worker
+  // has no KV pool: its num_kv_blocks, block_size, max_batch_tokens, max_running may be 0 and
+  // its block_size is not compared. Attention workers of the group get AfdPeers (see below).
   absl::StatusOr<WorkerId> AddWorker(const v1::RegisterWorkerRequest& request, Clock now);
   // Lease renewal; false when the worker is unknown (lapsed or never registered).
   bool Heartbeat(WorkerId worker, Clock now);
@@ -132,8 +145,14 @@ class SchedulerCore {
   Outbox TakeOutbox();
 
   v1::StatsResponse Stats() const;
-  // True when at least one prefill and one decode worker, or one colocated worker, is registered.
+  // True when at least one prefill worker and one decode target (a decode worker, or an attention
+  // worker whose AFD group is complete), or one colocated worker, is registered and not draining.
   bool HasServingCapacity() const;
+  // Why the scheduler cannot serve although workers are there, for readiness probes: without
+  // serving capacity while attention workers are registered, their incomplete AFD groups ("no
+  // decode capacity: AFD group g0 is incomplete: expert 3 has no FFN worker"). "" otherwise
+  // (also with no workers at all: an empty cluster is not the scheduler's fault).
+  std::string NotReadyReason() const;
 
  private:
   void ScheduleImpl(Clock now);

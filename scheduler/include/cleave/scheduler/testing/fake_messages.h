@@ -49,6 +49,58 @@ inline v1::RegisterWorkerRequest Registration(const WorkerSpec& spec) {
   return reg;
 }
 
+// AFD: an attention worker of `group` (a decode worker otherwise: KV pool, kv_address).
+inline v1::RegisterWorkerRequest AttentionRegistration(WorkerSpec spec, const std::string& group) {
+  spec.role = v1::WORKER_ROLE_ATTENTION;
+  v1::RegisterWorkerRequest reg = Registration(spec);
+  reg.set_afd_group(group);
+  return reg;
+}
+
+// AFD: an FFN worker of `group` owning `experts` of a model with `num_experts` routed experts. It
+// has no KV pool: the KV fields are 0.
+struct FfnSpec {
+  std::string name = "ffn";
+  std::string group = "g0";
+  std::vector<int32_t> experts;
+  int num_experts = 0;
+  bool dense = true;
+  bool shared_expert = false;
+  bool model_has_shared_expert = false;
+};
+
+inline v1::FfnShard Shard(const FfnSpec& spec) {
+  v1::FfnShard shard;
+  shard.set_address(spec.name + ":7100");
+  shard.set_dense(spec.dense);
+  shard.mutable_experts()->Add(spec.experts.begin(), spec.experts.end());
+  shard.set_shared_expert(spec.shared_expert);
+  shard.set_num_experts(spec.num_experts);
+  shard.set_model_has_shared_expert(spec.model_has_shared_expert);
+  return shard;
+}
+
+inline v1::RegisterWorkerRequest FfnRegistration(const FfnSpec& spec) {
+  WorkerSpec base;
+  base.name = spec.name;
+  v1::RegisterWorkerRequest reg = Registration(base);
+  reg.set_role(v1::WORKER_ROLE_FFN);
+  reg.set_num_kv_blocks(0);
+  reg.set_block_size(0);
+  reg.set_max_batch_tokens(0);
+  reg.set_max_running(0);
+  reg.clear_kv_address();
+  reg.set_afd_group(spec.group);
+  *reg.mutable_ffn() = Shard(spec);
+  return reg;
+}
+
+inline v1::WorkerMessage DrainMsg() {
+  v1::WorkerMessage m;
+  m.mutable_drain();
+  return m;
+}
+
 inline v1::SubmitRequest MakeSubmit(uint64_t client_id, std::vector<int32_t> tokens, int max_tokens,
                                     int priority = 0) {
   v1::SubmitRequest s;
@@ -144,6 +196,10 @@ struct Sent {
   std::vector<v1::RemoveRequest> removes(WorkerId w) const {
     return Collect<v1::RemoveRequest>(w, &v1::SchedulerMessage::has_remove,
                                       &v1::SchedulerMessage::remove);
+  }
+  std::vector<v1::AfdPeers> afd_peers(WorkerId w) const {
+    return Collect<v1::AfdPeers>(w, &v1::SchedulerMessage::has_afd_peers,
+                                 &v1::SchedulerMessage::afd_peers);
   }
   std::vector<v1::RequestEvent> events(FrontendId f) const {
     std::vector<v1::RequestEvent> out;

@@ -34,6 +34,7 @@
 
 namespace cleave::worker {
 
+class AfdForward;
 class WorkerMetrics;
 
 struct EngineOptions {
@@ -43,6 +44,9 @@ struct EngineOptions {
   // Where the engine records its step, layer and expert series; not owned, must outlive the
   // engine. Null = no metrics (no clock reads or atomics beyond the step's own timing).
   WorkerMetrics* metrics = nullptr;
+  // ATTENTION role: every layer's FFN runs on the AFD group's FFN workers through this (afd.h),
+  // the batch cut into its micro-batches. Not owned. Null = the FFN runs here.
+  AfdForward* afd = nullptr;
 };
 
 // Adapter giving the KV transport direct access to the cache memory.
@@ -110,6 +114,8 @@ class Engine {
   // them on sampled steps.
   absl::Status RunLayers(const model::ForwardBatch& batch, const std::vector<Seq*>& members,
                          const std::vector<std::pair<int, int>>& spans, model::HiddenState& h);
+  // The ATTENTION role's pass: the members cut into micro-batches, run through options_.afd.
+  absl::Status RunAfd(const std::vector<Seq*>& members, const std::vector<std::pair<int, int>>& spans);
   absl::Status ShipLayer(int layer, const std::vector<Seq*>& seqs,
                          const std::vector<std::pair<int, int>>& spans);
   absl::Status ShipState(int layer, const std::vector<Seq*>& seqs,
@@ -139,6 +145,7 @@ class Engine {
   uint64_t steps_ = 0;                         // iterations that ran a batch (layer sampling)
   model::Workspace ws_;
   std::vector<float> logits_;
+  std::vector<model::ForwardBatch> micro_batches_;  // ATTENTION role
 };
 
 }  // namespace cleave::worker

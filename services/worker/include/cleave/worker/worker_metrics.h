@@ -46,6 +46,8 @@ struct WorkerMetricsOptions {
   int num_state_slots = 0;  // cleave_worker_state_slots
 };
 
+struct AfdStats;
+
 class WorkerMetrics {
  public:
   // Per-layer timing costs two clock reads per layer half, so only one step in this many is
@@ -81,6 +83,8 @@ class WorkerMetrics {
   // pass counts from zero (Workspace::expert_tokens is "since the caller last cleared it").
   // Rows of layers without MoE, and experts beyond the config, are ignored.
   void AddExpertTokens(std::vector<std::vector<int64_t>>& counts) const;
+  // ATTENTION role: one step's activation exchange (afd.h) into the cleave_afd_* counters.
+  void RecordAfd(const AfdStats& stats) const;
 
   // For transport::TransportOptions::sent_metrics / ReceiverCallbacks::metrics.
   transport::TransferMetrics sent() const { return sent_; }
@@ -104,6 +108,13 @@ class WorkerMetrics {
   std::vector<metrics::Histogram*> layer_seconds_;  // [layer * 2 + part]
   // [layer][expert]; empty rows for layers without MoE.
   std::vector<std::vector<metrics::Counter*>> expert_tokens_;
+  // ATTENTION role only (null otherwise).
+  metrics::Counter* afd_calls_ = nullptr;
+  metrics::Counter* afd_round_trip_seconds_ = nullptr;
+  metrics::Counter* afd_wait_seconds_ = nullptr;
+  metrics::Counter* afd_compute_seconds_ = nullptr;
+  metrics::Counter* afd_bytes_sent_ = nullptr;
+  metrics::Counter* afd_bytes_received_ = nullptr;
 };
 
 // "prefill", "decode" or "colocated" (the role label's value).

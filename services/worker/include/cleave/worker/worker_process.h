@@ -7,13 +7,18 @@
 // and /ready; its address goes to the scheduler (RegisterWorkerRequest.http_address) for
 // Prometheus service discovery. /ready is 200 while the worker is registered with its stream up,
 // the engine loop has iterated within the last 2 s and no shutdown was asked for; else 503 with
-// the reason. Shutdown (SIGTERM/SIGINT) drains: the worker sends Drain on its stream, keeps
+// the reason. Roles attention and ffn (AFD): an attention worker is a decode worker whose layers'
+// FFNs run on its group's FFN workers (afd.h), which the scheduler names in AfdPeers; it is ready
+// only while the scheduler reports its group complete. An ffn worker loads only the dense FFNs
+// and its experts, serves them on its activation listener, registers with the scheduler (which
+// tells the group's attention workers) and holds no KV. Shutdown (SIGTERM/SIGINT) drains: the worker sends Drain on its stream, keeps
 // serving until it holds no request and no unflushed or pending KV transfer (or drain_grace_s
 // passes), then half-closes the stream and returns OK. With no stream up it returns at once.
 #pragma once
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "cleave/common/shutdown.h"
@@ -47,6 +52,19 @@ struct WorkerProcessOptions {
   std::string tls_ca_file;
   std::string tls_cert_file;
   std::string tls_key_file;
+
+  // Attention-FFN disaggregation (roles attention and ffn; see docs/afd.md).
+  std::string afd_group;            // the AFD group; required for both roles
+  int micro_batches = 2;            // attention: m micro-batches per step (1, 2 or 3: ping-pong)
+  int ffn_call_timeout_ms = 5000;   // attention: an FFN answer later than this fails the step
+  // ffn: this worker's index in its group and the group's FFN worker count; the experts it owns
+  // follow from the model (expert_placement.h), unless ffn_experts lists them explicitly.
+  int ffn_shard = 0;
+  int ffn_shards = 1;
+  std::vector<int> ffn_experts;
+  bool ffn_shared_expert = false;   // with ffn_experts: it owns the shared expert too
+  std::string ffn_listen_host = "127.0.0.1";
+  int ffn_port = 0;                 // activation listener; 0 = any free port
 };
 
 absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role);
