@@ -215,18 +215,6 @@ void RegisterFrontend(CLI::App& app) {
   cmd->add_option("--admin-http", args->admin_http,
                   "HOST:PORT of an admin listener without API keys: /metrics, /health, /ready, /debug/kv "
                   "(default off; bind it to an internal address)");
-  cmd->add_option("--afd-group", args->afd_group, "attention / ffn roles: the AFD group (required for them)");
-  cmd->add_option("--micro-batches", args->micro_batches,
-                  "attention role: micro-batches per step, 1-3 (default 2: ping-pong)");
-  cmd->add_option("--ffn-call-timeout-ms", args->ffn_call_timeout_ms,
-                  "attention role: an FFN answer later than this fails the step (default 5000)");
-  cmd->add_option("--ffn-shard", args->ffn_shard, "ffn role: this worker's index in its group (default 0)");
-  cmd->add_option("--ffn-shards", args->ffn_shards, "ffn role: FFN workers in the group (default 1)");
-  cmd->add_option("--ffn-experts", args->ffn_experts,
-                  "ffn role: the experts it owns, e.g. 0,2,4 (default: its share of the placement)");
-  cmd->add_flag("--ffn-shared-expert", args->ffn_shared_expert, "ffn role, with --ffn-experts: own the shared expert");
-  cmd->add_option("--ffn-host", args->ffn_host, "ffn role: address the activation listener binds (default 127.0.0.1)");
-  cmd->add_option("--ffn-port", args->ffn_port, "ffn role: activation listener port (default: any free port)");
   AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();

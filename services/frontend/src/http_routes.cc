@@ -78,6 +78,8 @@ const char* RoleName(v1::WorkerRole role) {
     case v1::WORKER_ROLE_PREFILL: return "prefill";
     case v1::WORKER_ROLE_DECODE: return "decode";
     case v1::WORKER_ROLE_COLOCATED: return "colocated";
+    case v1::WORKER_ROLE_ATTENTION: return "attention";
+    case v1::WORKER_ROLE_FFN: return "ffn";
     default: return "unspecified";
   }
 }
@@ -97,7 +99,10 @@ SimpleResponse DebugKv(const FrontendContext& ctx) {
                        {"num_running", w.num_running()},
                        {"num_state_slots", w.num_state_slots()},
                        {"free_state_slots", w.free_state_slots()},
-                       {"kv_address", w.kv_address()}});
+                       {"kv_address", w.kv_address()},
+                       {"http_address", w.http_address()},
+                       {"afd_group", w.afd_group()},
+                       {"afd_complete", w.afd_complete()}});
   }
   return JsonResponse(200, DumpJson({{"workers", std::move(workers)},
                                      {"num_waiting", stats->num_waiting()},

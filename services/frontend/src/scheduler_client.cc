@@ -306,7 +306,9 @@ bool SchedulerClient::Ready() {
     if (stats.ok()) {
       for (const auto& w : stats->workers()) {
         prefill |= w.role() == v1::WORKER_ROLE_PREFILL;
-        decode |= w.role() == v1::WORKER_ROLE_DECODE;
+        // An attention worker is a decode target while its AFD group is complete.
+        decode |= w.role() == v1::WORKER_ROLE_DECODE ||
+                  (w.role() == v1::WORKER_ROLE_ATTENTION && w.afd_complete() && !w.draining());
         colocated |= w.role() == v1::WORKER_ROLE_COLOCATED;
       }
     }
