@@ -388,7 +388,8 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   if (!ffn) {
     CLEAVE_ASSIGN_OR_RETURN(num_blocks, ModelBlocks(o, config));
   }
-  const int num_slots = ffn ? 0 : StateSlots(o, config);
+  // (A Mamba model's cache insists on a state slot; the FFN worker's single one is never used.)
+  const int num_slots = ffn ? (config.has_ssm_state() ? 1 : 0) : StateSlots(o, config);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache,
                           model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend(),
                                                  num_slots));
@@ -506,7 +507,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     reg.set_vocab_size(config.vocab_size);
     reg.set_max_model_len(config.max_position_embeddings);
     reg.set_name(name);
-    reg.set_num_state_slots(num_slots);
+    reg.set_num_state_slots(ffn ? 0 : num_slots);
     if (admin_server) reg.set_http_address(admin_server->address());
     v1::RegisterWorkerResponse reg_reply;
     grpc::ClientContext reg_ctx;
