@@ -82,31 +82,32 @@ Flags ParseFlags(int argc, char** argv) {
       if (i + 1 >= argc) Die(name + " needs a value");
       value = argv[++i];
     }
-    auto to_int = [&](int& out) {
-      if (!absl::SimpleAtoi(value, &out) || out < 0) Die("bad value for " + name + ": " + value);
-    };
+    const std::pair<const char*, int*> ints[] = {
+        {"--steps", &f.steps},     {"--warmup", &f.warmup}, {"--reps", &f.reps},
+        {"--context", &f.context}, {"--hidden", &f.hidden}, {"--layers", &f.layers},
+        {"--experts", &f.experts}, {"--top-k", &f.top_k},   {"--intermediate", &f.intermediate},
+        {"--vocab", &f.vocab},     {"--layer-table-batch", &f.layer_table_batch}};
+    const std::pair<const char*, std::string*> strings[] = {
+        {"--dtype", &f.dtype}, {"--model", &f.model}, {"--ffn", &f.ffn}};
+    bool known = false;
+    for (auto& [flag, out] : ints) {
+      if (name != flag) continue;
+      known = true;
+      if (!absl::SimpleAtoi(value, out) || *out < 0) Die("bad value for " + name + ": " + value);
+    }
+    for (auto& [flag, out] : strings) {
+      if (name == flag) known = true, *out = value;
+    }
     if (name == "--batches") {
+      known = true;
       f.batches.clear();
       for (absl::string_view s : absl::StrSplit(value, ',')) {
         int b = 0;
         if (!absl::SimpleAtoi(s, &b) || b < 1) Die("bad batch size " + std::string(s));
         f.batches.push_back(b);
       }
-    } else if (name == "--steps") { to_int(f.steps);
-    } else if (name == "--warmup") { to_int(f.warmup);
-    } else if (name == "--reps") { to_int(f.reps);
-    } else if (name == "--context") { to_int(f.context);
-    } else if (name == "--hidden") { to_int(f.hidden);
-    } else if (name == "--layers") { to_int(f.layers);
-    } else if (name == "--experts") { to_int(f.experts);
-    } else if (name == "--top-k") { to_int(f.top_k);
-    } else if (name == "--intermediate") { to_int(f.intermediate);
-    } else if (name == "--vocab") { to_int(f.vocab);
-    } else if (name == "--layer-table-batch") { to_int(f.layer_table_batch);
-    } else if (name == "--dtype") { f.dtype = value;
-    } else if (name == "--model") { f.model = value;
-    } else if (name == "--ffn") { f.ffn = value;
-    } else { Die("unknown flag " + name); }
+    }
+    if (!known) Die("unknown flag " + name);
   }
   if (f.dtype != "bf16" && f.dtype != "f32") Die("--dtype is bf16 or f32");
   if (f.ffn != "threads" && f.ffn != "procs") Die("--ffn is threads or procs");
@@ -288,21 +289,20 @@ struct Layout {
 };
 
 void Accumulate(worker::AfdStats& into, const worker::AfdStats& s) {
-  into.calls += s.calls;
-  into.steps += s.steps;
-  into.round_trip_us += s.round_trip_us;
-  into.compute_us += s.compute_us;
-  into.wait_us += s.wait_us;
-  into.bytes_sent += s.bytes_sent;
-  into.bytes_received += s.bytes_received;
-  into.layer_round_trip_us.resize(s.layer_round_trip_us.size(), 0);
-  into.layer_wait_us.resize(s.layer_wait_us.size(), 0);
-  into.layer_calls.resize(s.layer_calls.size(), 0);
-  for (size_t l = 0; l < s.layer_calls.size(); ++l) {
-    into.layer_round_trip_us[l] += s.layer_round_trip_us[l];
-    into.layer_wait_us[l] += s.layer_wait_us[l];
-    into.layer_calls[l] += s.layer_calls[l];
+  using S = worker::AfdStats;
+  for (auto m : {&S::calls, &S::steps}) into.*m += s.*m;
+  for (auto m : {&S::round_trip_us, &S::compute_us, &S::wait_us, &S::bytes_sent, &S::bytes_received}) into.*m += s.*m;
+  for (auto m : {&S::layer_round_trip_us, &S::layer_wait_us, &S::layer_calls}) {
+    (into.*m).resize((s.*m).size(), 0);
+    for (size_t l = 0; l < (s.*m).size(); ++l) (into.*m)[l] += (s.*m)[l];
   }
+}
+
+std::string LoadAvg() {
+  std::ifstream in("/proc/loadavg");
+  std::string a, b, c;
+  in >> a >> b >> c;
+  return absl::StrCat(a, " ", b, " ", c);
 }
 
 double Median(std::vector<double> v) {
@@ -329,6 +329,7 @@ int main(int argc, char** argv) {
   using namespace cleave;
   const Flags f = ParseFlags(argc, argv);
   std::vector<std::string> args(argv, argv + argc);
+  const std::string load_start = LoadAvg();  // the 2 cores are shared: say how busy they were
 
   fs::path dir = f.model;
   const fs::path tmp = fs::temp_directory_path() / absl::StrCat("cleave_afd_bench_", getpid());
@@ -375,7 +376,8 @@ int main(int argc, char** argv) {
   const int max_b = *std::max_element(f.batches.begin(), f.batches.end());
   const int last_pos = f.context + f.warmup + f.steps;
   if (last_pos > c.max_position_embeddings) {
-    Die(absl::StrCat("context + warmup + steps = ", last_pos, " > max_position_embeddings ", c.max_position_embeddings));
+    Die(absl::StrCat("context + warmup + steps = ", last_pos, " > max_position_embeddings ",
+                     c.max_position_embeddings));
   }
   Layout layout{(last_pos + kBlock - 1) / kBlock, c.has_ssm_state(), c.vocab_size};
   auto cache = model::KvCache::Create(c, max_b * layout.blocks_per_seq, kBlock, kernels::CpuBackend(),
@@ -396,11 +398,11 @@ int main(int argc, char** argv) {
   transport::ActivationOptions act;
   act.hidden_size = c.hidden_size;
   act.num_layers = c.num_hidden_layers;
-  worker::FfnGroup group(act);
-  group.SetPeers(peers);
+  auto group = std::make_unique<worker::FfnGroup>(act);
+  group->SetPeers(peers);
   std::vector<std::unique_ptr<worker::AfdForward>> afd;
   for (int m = 1; m <= 3; ++m) {
-    afd.push_back(std::make_unique<worker::AfdForward>(**attn, **cache, group, worker::AfdOptions{m, 5000}));
+    afd.push_back(std::make_unique<worker::AfdForward>(**attn, **cache, *group, worker::AfdOptions{m, 5000}));
   }
 
   // One decode step of `mode` over sequences [0, b) at position pos; returns its time in ms.
@@ -466,7 +468,8 @@ int main(int argc, char** argv) {
               c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.moe.num_experts, c.moe.top_k,
               c.intermediate_size, c.vocab_size);
   for (size_t i = 0; i < plans->size(); ++i) {
-    std::printf("ffn-%zu: experts %s%s, %.1f MB of expert weights\n", i, absl::StrJoin((*plans)[i].experts, ",").c_str(),
+    std::printf("ffn-%zu: experts %s%s, %.1f MB of expert weights\n", i,
+                absl::StrJoin((*plans)[i].experts, ",").c_str(),
                 (*plans)[i].shared_expert ? " + shared" : "", (*plans)[i].expert_bytes / 1e6);
   }
   std::printf("\nFFN workers: 2 on loopback TCP, %s; kernel threads 1 (attention on the main thread, each FFN "
@@ -476,6 +479,13 @@ int main(int argc, char** argv) {
               "of the mean step; exchange statistics sum every timed step of every repetition.\n\n",
               f.ffn == "procs" ? "each in a forked child process" : "each in this process", f.context, f.steps,
               f.warmup, f.reps);
+  if (f.ffn == "threads") {
+    std::printf("Note: kernel calls from different threads of one process serialise on the kernel pool's run "
+                "lock (kernels/cpu/parallel.cc, Pool::Run takes run_mu_ even on 1 thread), so here the attention "
+                "thread and the FFN threads never compute at the same time; only the transport overlaps compute. "
+                "--ffn procs gives each FFN worker its own process and pool.\n\n");
+  }
+  std::printf("load average (1/5/15 min) at start: %s; at end: %s\n\n", load_start.c_str(), LoadAvg().c_str());
   std::printf(
       "Definitions (per call = one FFN worker's answer; per exchange = one micro-batch's FFN of one layer, i.e. "
       "one Send to each FFN worker it needs, which run in parallel):\n"
@@ -483,14 +493,17 @@ int main(int argc, char** argv) {
       "time per call; RT-C = transfer + queueing per call, the attention->FFN and FFN->attention latency "
       "together (the two directions are not separable from AfdStats).\n"
       "- W = mean time per exchange the attention side was blocked in Wait for it.\n"
-      "- hidden = 1 - W / RT: the share of the exchange the attention side did not spend blocked (RT per "
-      "call stands in for the exchange's duration, which is the max over its parallel calls, so this "
-      "slightly understates what is hidden).\n"
-      "- transfer hidden = 1 - max(0, W - C) / (RT - C), clamped to [0, 1]: blocked time beyond the FFN's "
-      "compute is counted as exposed transfer; the share of the transfer that was not exposed.\n"
+      "- hidden = 1 - W / max(W, RT): the share of the exchange (FFN compute and transfer) the attention side "
+      "spent on its own work instead of blocked. The exchange lasts at least max(W, RT) (W starts after its "
+      "sends; it waits for the slower of its parallel calls, RT is their mean), so this is a lower bound.\n"
+      "- transfer hidden = 1 - clamp(W - C, 0, RT - C) / (RT - C): blocked time beyond the FFN's compute counted "
+      "as exposed transfer. Optimistic: it assumes none of the compute was done when the wait began. At m >= 2 "
+      "RT - C also holds queueing behind the other micro-batch's call on the same FFN worker (calls on one "
+      "connection are answered in order), which is FFN work, not wire time; RT - C at m = 1 is the unqueued "
+      "loopback latency.\n"
       "- attn busy/mb = (step time - W per step) / (m x FFN layers): the attention side's own work per "
-      "micro-batch and layer (mixer, routing and packing; embed and logits spread over it).\n\n");
-
+      "micro-batch and layer (mixer, routing, packing and sends; embed and logits spread over it). Ping-pong can "
+      "hide a whole exchange only when the other micro-batches' work, (m - 1) x busy, covers RT.\n\n");
   std::printf("## Decode throughput\n\n");
   std::printf("| B | mode | step ms (median) | min..max over reps | tokens/s | vs colocated 1T | vs colocated 2T |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
@@ -510,8 +523,8 @@ int main(int argc, char** argv) {
 
   std::printf("\n## Exchange latency and overlap\n\n");
   std::printf("| B | m | calls/exch | KB out/in per call | RT us | C us | RT-C us | W us | attn busy/mb us | "
-              "C > RT-C | hidden | transfer hidden |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+              "C > RT-C | (m-1) busy >= RT | hidden | transfer hidden |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (size_t bi = 0; bi < f.batches.size(); ++bi) {
     const int b = f.batches[bi];
     for (int m = 1; m <= 3; ++m) {
@@ -520,7 +533,7 @@ int main(int argc, char** argv) {
       const int m_eff = std::min(m, b);
       const double exch = static_cast<double>(s.steps) * ffn_layers * m_eff;
       if (s.calls == 0 || exch == 0) {
-        std::printf("| %d | %d | no FFN calls | | | | | | | | | |\n", b, m);
+        std::printf("| %d | %d | no FFN calls | | | | | | | | | | |\n", b, m);
         continue;
       }
       const double calls = static_cast<double>(s.calls);
@@ -528,11 +541,11 @@ int main(int argc, char** argv) {
       const double mean_step_us = 1000.0 * std::accumulate(r.step_ms.begin(), r.step_ms.end(), 0.0) / r.step_ms.size();
       const double busy = (mean_step_us - s.wait_us / static_cast<double>(s.steps)) / (m_eff * ffn_layers);
       const double xfer = rt - cmp;
-      const double hidden = 1.0 - w / rt;
-      const double xfer_hidden = xfer > 0 ? std::clamp(1.0 - std::max(0.0, w - cmp) / xfer, 0.0, 1.0) : 1.0;
-      std::printf("| %d | %d | %.2f | %.1f / %.1f | %.0f | %.0f | %.0f | %.0f | %.0f | %s | %.0f%% | %.0f%% |\n", b, m,
-                  calls / exch, s.bytes_sent / calls / 1e3, s.bytes_received / calls / 1e3, rt, cmp, xfer, w, busy,
-                  cmp > xfer ? "yes" : "no", 100 * hidden, 100 * xfer_hidden);
+      const double hidden = 1.0 - w / std::max(w, rt);
+      const double xfer_hidden = xfer > 0 ? 1.0 - std::clamp(w - cmp, 0.0, xfer) / xfer : 1.0;
+      std::printf("| %d | %d | %.2f | %.1f / %.1f | %.0f | %.0f | %.0f | %.0f | %.0f | %s | %s | %.0f%% | %.0f%% |\n",
+                  b, m, calls / exch, s.bytes_sent / calls / 1e3, s.bytes_received / calls / 1e3, rt, cmp, xfer, w, busy,
+                  cmp > xfer ? "yes" : "no", (m_eff - 1) * busy >= rt ? "yes" : "no", 100 * hidden, 100 * xfer_hidden);
     }
   }
 
@@ -550,11 +563,14 @@ int main(int argc, char** argv) {
     const double rt = ls.layer_round_trip_us[l] / static_cast<double>(ls.layer_calls[l]);
     const double w = ls.layer_wait_us[l] / (static_cast<double>(ls.steps) * lm);
     std::printf("| %zu | %lld | %.0f | %.0f | %.0f%% |\n", l, static_cast<long long>(ls.layer_calls[l]), rt, w,
-                100 * (1 - w / rt));
+                100 * (1 - w / std::max(w, rt)));
   }
 
-  // Tear down: AFD (awaits nothing outstanding), services, children, the temporary checkpoint.
+  // Tear down: AFD, then our side of the connections (so the FFN side's closing them is not
+  // reported as a lost connection), services, children, the temporary checkpoint.
+  std::fflush(stdout);
   afd.clear();
+  group.reset();
   in_process.clear();
   // Close every control pipe before waiting: a later child inherited the earlier ones' write ends.
   for (ChildFfn& ch : children) close(ch.ctl_write);

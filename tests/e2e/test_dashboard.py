@@ -20,11 +20,15 @@ GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m", "
 # Metrics a panel may query that a live stories260K P/D cluster need not expose.
 OPTIONAL_METRICS = {
     "cleave_worker_moe_expert_tokens_total",  # MoE models only; stories260K is dense
+    # Attention-FFN disaggregation only (attention and ffn workers).
+    "cleave_afd_wait_seconds_total", "cleave_afd_round_trip_seconds_total", "cleave_ffn_expert_tokens_total",
 }
 # Panel targets (title, refId) that may have no data on a healthy cluster after plain traffic.
 # Every other target must answer: counters and gauges exist from the start (zeros, not gaps).
 OPTIONAL_RESULTS = {
     ("MoE tokens per expert", "A"),  # MoE models only
+    ("AFD exchange hidden by ping-pong", "A"),  # AFD deployments only
+    ("FFN tokens per expert (owners)", "A"),
 }
 # Titles the issue asks for (each must be a panel).
 REQUIRED_PANELS = [
