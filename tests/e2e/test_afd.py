@@ -242,6 +242,25 @@ def test_kill_ffn_worker_mid_stream(tmp_path):
         cluster.stop()
 
 
+def test_dense_group_keeps_serving_without_one_ffn_worker(tmp_path, pb):  # noqa: F811
+    """Dense FFNs are replicated on every FFN worker: losing one leaves the group complete, and the
+    attention workers spread rows over the survivors."""
+    cluster = Cluster(tmp_path, afd_workers(2), model=MODEL)
+    try:
+        os.kill(cluster.worker_pids("ffn-1")[0], signal.SIGKILL)
+        deadline = time.time() + 10
+        while "ffn-1" in {w["name"] for w in cluster.kv()["workers"]}:
+            assert time.time() < deadline, "the scheduler still lists the killed FFN worker"
+            time.sleep(0.1)
+        assert ready(cluster.sched_http_port)[0] == 200
+        prompts = PROMPTS[:8]
+        want = [offline_generate(*pm)["token_ids"] for pm in prompts]
+        assert grpc_generate_all(cluster, pb, prompts) == want
+        cluster.wait_idle()
+    finally:
+        cluster.stop()
+
+
 def test_attention_role_needs_a_group(tmp_path):
     out = subprocess.run([CLEAVE, "worker", "--role", "attention", "--model", MODEL, "--scheduler",
                           "127.0.0.1:1", "--http", "off"], capture_output=True, text=True, timeout=60)
