@@ -4,6 +4,7 @@
 // pin the wire format) that close only their own connection, a server stopped mid-call, a missed
 // deadline that must never let a late answer write into a freed buffer, and a stalled HELLO.
 #include <gmock/gmock.h>
+#include "wire_bytes.h"
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -29,7 +30,7 @@ namespace {
 
 using ::testing::HasSubstr;
 using ::testing::Not;
-using Bytes = std::vector<std::byte>;
+using wire_test::Bytes;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
@@ -157,14 +158,8 @@ class Raw {
   int fd_ = -1;
 };
 
-void Put(Bytes& out, uint64_t v, int bytes) {
-  for (int i = 0; i < bytes; ++i) out.push_back(static_cast<std::byte>(v >> (8 * i)));
-}
-uint64_t Get(const Bytes& in, size_t at, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | static_cast<uint8_t>(in[at + i]);
-  return v;
-}
+using wire_test::Get;
+using wire_test::Put;
 // "CAFH" as a little-endian u32, then version 1, geometry, zeros to 32 bytes.
 Bytes Hello(uint32_t hidden = kHidden, uint32_t layers = kLayers) {
   Bytes b;

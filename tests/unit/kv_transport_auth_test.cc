@@ -7,6 +7,7 @@
 // so they also pin that wire format. Also: address() reports advertise_host.
 #include <arpa/inet.h>
 #include <gmock/gmock.h>
+#include "wire_bytes.h"
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
@@ -35,7 +36,7 @@ namespace {
 
 using namespace testing_util;  // NOLINT: test helpers only
 using ::testing::HasSubstr;
-using Bytes = std::vector<std::byte>;
+using wire_test::Bytes;
 using Clock = std::chrono::steady_clock;
 
 constexpr std::string_view kSecret = "cluster-secret/0123456789abcdef0123456789abcdef";
@@ -52,14 +53,8 @@ constexpr uint32_t kHelloMagic = 0x31564b43;
 constexpr uint32_t kFrameMagic = 0x46564b43;
 constexpr uint16_t kWireVersion = 2;
 
-void Put(Bytes& out, uint64_t v, int bytes) {
-  for (int i = 0; i < bytes; ++i) out.push_back(static_cast<std::byte>(v >> (8 * i)));
-}
-uint64_t Get(const Bytes& in, size_t at, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | static_cast<uint8_t>(in[at + i]);
-  return v;
-}
+using wire_test::Get;
+using wire_test::Put;
 Bytes Cat(Bytes a, const Bytes& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;

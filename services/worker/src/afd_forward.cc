@@ -138,7 +138,6 @@ absl::Status AfdForward::Dispatch(MicroBatch& mb, int layer) {
   std::vector<int32_t>& token_row = mb.token_row;
   auto assign = [&](int token, int expert, int32_t dest) {
     const int o = owner_index(group_.owner(expert));
-    if (token_row.size() < mb.owners.size() * static_cast<size_t>(t)) token_row.resize(mb.owners.size() * t, -1);
     int32_t& row = token_row[static_cast<size_t>(o) * t + token];
     if (row < 0) {
       row = static_cast<int32_t>(mb.rows[o].size() / d);
@@ -148,6 +147,7 @@ absl::Status AfdForward::Dispatch(MicroBatch& mb, int layer) {
     mb.assign_experts[o].push_back(expert);
     mb.dest[o].push_back(dest);
   };
+  // [owner][token]: there are at most experts + 1 owners (the shared expert's among them).
   token_row.assign(static_cast<size_t>(t) * (experts + 1), -1);
   for (int token = 0; token < t; ++token) {
     for (int j = 0; j < k; ++j) assign(token, routing.topk_ids[token * k + j], token * k + j);
