@@ -14,7 +14,8 @@
 // and each FFN service on its connection thread (--ffn procs: in a forked child process each).
 // All modes decode the same tokens at the same positions over one KV cache: each mode restarts at
 // position --context and rewrites the same slots with the same values (the paths are
-// bit-identical), so no mode sees a longer context than another.
+// bit-identical), so no mode sees a longer context than another. --ffn procs exists because
+// kernel calls from threads of one process serialise on the kernel pool (see the report's note).
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -32,6 +33,7 @@
 #include <memory>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -70,25 +72,23 @@ struct Flags {
   std::exit(1);
 }
 
+// --name value or --name=value.
 Flags ParseFlags(int argc, char** argv) {
   Flags f;
+  const std::pair<const char*, int*> ints[] = {
+      {"--steps", &f.steps},     {"--warmup", &f.warmup},   {"--reps", &f.reps},   {"--context", &f.context},
+      {"--hidden", &f.hidden},   {"--layers", &f.layers},   {"--top-k", &f.top_k}, {"--experts", &f.experts},
+      {"--vocab", &f.vocab},     {"--intermediate", &f.intermediate}, {"--layer-table-batch", &f.layer_table_batch}};
+  const std::pair<const char*, std::string*> strings[] = {{"--dtype", &f.dtype}, {"--model", &f.model},
+                                                          {"--ffn", &f.ffn},     {"--batches", nullptr}};
   for (int i = 1; i < argc; ++i) {
     std::string name = argv[i], value;
-    if (name.rfind("--", 0) != 0) Die("unexpected argument " + name);
     if (const size_t eq = name.find('='); eq != std::string::npos) {
       value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-    } else {
-      if (i + 1 >= argc) Die(name + " needs a value");
+      name.resize(eq);
+    } else if (i + 1 < argc) {
       value = argv[++i];
     }
-    const std::pair<const char*, int*> ints[] = {
-        {"--steps", &f.steps},     {"--warmup", &f.warmup}, {"--reps", &f.reps},
-        {"--context", &f.context}, {"--hidden", &f.hidden}, {"--layers", &f.layers},
-        {"--experts", &f.experts}, {"--top-k", &f.top_k},   {"--intermediate", &f.intermediate},
-        {"--vocab", &f.vocab},     {"--layer-table-batch", &f.layer_table_batch}};
-    const std::pair<const char*, std::string*> strings[] = {
-        {"--dtype", &f.dtype}, {"--model", &f.model}, {"--ffn", &f.ffn}};
     bool known = false;
     for (auto& [flag, out] : ints) {
       if (name != flag) continue;
@@ -96,15 +96,15 @@ Flags ParseFlags(int argc, char** argv) {
       if (!absl::SimpleAtoi(value, out) || *out < 0) Die("bad value for " + name + ": " + value);
     }
     for (auto& [flag, out] : strings) {
-      if (name == flag) known = true, *out = value;
+      if (name != flag) continue;
+      known = true;
+      if (out != nullptr) *out = value;
     }
     if (name == "--batches") {
-      known = true;
       f.batches.clear();
       for (absl::string_view s : absl::StrSplit(value, ',')) {
-        int b = 0;
-        if (!absl::SimpleAtoi(s, &b) || b < 1) Die("bad batch size " + std::string(s));
-        f.batches.push_back(b);
+        if (int b = 0; absl::SimpleAtoi(s, &b) && b >= 1) f.batches.push_back(b);
+        else Die("bad batch size " + std::string(s));
       }
     }
     if (!known) Die("unknown flag " + name);
@@ -115,8 +115,8 @@ Flags ParseFlags(int argc, char** argv) {
   return f;
 }
 
-// Cheap deterministic hash (std::mt19937 + normal_distribution over 50M weights would take
-// longer than the measurements).
+// Cheap deterministic hash: std::mt19937 + normal_distribution over the default 50M weights
+// would add seconds to every run.
 uint32_t Hash(uint64_t x) {
   x = (x ^ (x >> 33)) * 0xff51afd7ed558ccdULL;
   x = (x ^ (x >> 33)) * 0xc4ceb9fe1a85ec53ULL;
@@ -290,8 +290,10 @@ struct Layout {
 
 void Accumulate(worker::AfdStats& into, const worker::AfdStats& s) {
   using S = worker::AfdStats;
-  for (auto m : {&S::calls, &S::steps}) into.*m += s.*m;
-  for (auto m : {&S::round_trip_us, &S::compute_us, &S::wait_us, &S::bytes_sent, &S::bytes_received}) into.*m += s.*m;
+  for (auto m : {&S::calls, &S::steps, &S::exchanges}) into.*m += s.*m;
+  for (auto m : {&S::round_trip_us, &S::compute_us, &S::exchange_us, &S::wait_us, &S::bytes_sent, &S::bytes_received}) {
+    into.*m += s.*m;
+  }
   for (auto m : {&S::layer_round_trip_us, &S::layer_wait_us, &S::layer_calls}) {
     (into.*m).resize((s.*m).size(), 0);
     for (size_t l = 0; l < (s.*m).size(); ++l) (into.*m)[l] += (s.*m)[l];
@@ -493,9 +495,9 @@ int main(int argc, char** argv) {
       "time per call; RT-C = transfer + queueing per call, the attention->FFN and FFN->attention latency "
       "together (the two directions are not separable from AfdStats).\n"
       "- W = mean time per exchange the attention side was blocked in Wait for it.\n"
-      "- hidden = 1 - W / max(W, RT): the share of the exchange (FFN compute and transfer) the attention side "
-      "spent on its own work instead of blocked. The exchange lasts at least max(W, RT) (W starts after its "
-      "sends; it waits for the slower of its parallel calls, RT is their mean), so this is a lower bound.\n"
+      "- E = mean exchange time (its first Send to its last answer in, AfdStats::exchange_us).\n"
+      "- hidden = 1 - W / E: the share of the exchange (FFN compute and transfer) the attention side spent "
+      "on its own work (other micro-batches) instead of blocked.\n"
       "- transfer hidden = 1 - clamp(W - C, 0, RT - C) / (RT - C): blocked time beyond the FFN's compute counted "
       "as exposed transfer. Optimistic: it assumes none of the compute was done when the wait began. At m >= 2 "
       "RT - C also holds queueing behind the other micro-batch's call on the same FFN worker (calls on one "
@@ -531,7 +533,7 @@ int main(int argc, char** argv) {
       const Result& r = results[bi][m + 1];
       const worker::AfdStats& s = r.stats;
       const int m_eff = std::min(m, b);
-      const double exch = static_cast<double>(s.steps) * ffn_layers * m_eff;
+      const double exch = static_cast<double>(s.exchanges);
       if (s.calls == 0 || exch == 0) {
         std::printf("| %d | %d | no FFN calls | | | | | | | | | | |\n", b, m);
         continue;
@@ -541,11 +543,12 @@ int main(int argc, char** argv) {
       const double mean_step_us = 1000.0 * std::accumulate(r.step_ms.begin(), r.step_ms.end(), 0.0) / r.step_ms.size();
       const double busy = (mean_step_us - s.wait_us / static_cast<double>(s.steps)) / (m_eff * ffn_layers);
       const double xfer = rt - cmp;
-      const double hidden = 1.0 - w / std::max(w, rt);
+      const double hidden = s.exchange_us > 0 ? 1.0 - static_cast<double>(s.wait_us) / s.exchange_us : 0.0;
       const double xfer_hidden = xfer > 0 ? 1.0 - std::clamp(w - cmp, 0.0, xfer) / xfer : 1.0;
       std::printf("| %d | %d | %.2f | %.1f / %.1f | %.0f | %.0f | %.0f | %.0f | %.0f | %s | %s | %.0f%% | %.0f%% |\n",
-                  b, m, calls / exch, s.bytes_sent / calls / 1e3, s.bytes_received / calls / 1e3, rt, cmp, xfer, w, busy,
-                  cmp > xfer ? "yes" : "no", (m_eff - 1) * busy >= rt ? "yes" : "no", 100 * hidden, 100 * xfer_hidden);
+                  b, m, calls / exch, s.bytes_sent / calls / 1e3, s.bytes_received / calls / 1e3, rt, cmp, xfer, w,
+                  busy, cmp > xfer ? "yes" : "no", (m_eff - 1) * busy >= rt ? "yes" : "no", 100 * hidden,
+                  100 * xfer_hidden);
     }
   }
 
@@ -556,7 +559,7 @@ int main(int argc, char** argv) {
   }
   const worker::AfdStats& ls = results[lbi][3].stats;
   const int lm = std::min(2, f.batches[lbi]);
-  std::printf("\n## Per layer, B=%d m=2\n\n| layer | calls | RT us per call | W us per exchange | hidden |\n"
+  std::printf("\n## Per layer, B=%d m=2\n\n| layer | calls | RT us per call | W us per exchange | hidden, lower bound: 1 - W / max(W, RT) |\n"
               "|---|---|---|---|---|\n", f.batches[lbi]);
   for (size_t l = 0; l < ls.layer_calls.size(); ++l) {
     if (ls.layer_calls[l] == 0) continue;

@@ -21,7 +21,7 @@ GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m", "
 OPTIONAL_METRICS = {
     "cleave_worker_moe_expert_tokens_total",  # MoE models only; stories260K is dense
     # Attention-FFN disaggregation only (attention and ffn workers).
-    "cleave_afd_wait_seconds_total", "cleave_afd_round_trip_seconds_total", "cleave_ffn_expert_tokens_total",
+    "cleave_afd_wait_seconds_total", "cleave_afd_exchange_seconds_total", "cleave_ffn_expert_tokens_total",
 }
 # Panel targets (title, refId) that may have no data on a healthy cluster after plain traffic.
 # Every other target must answer: counters and gauges exist from the start (zeros, not gaps).

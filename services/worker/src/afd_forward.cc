@@ -194,7 +194,12 @@ absl::Status AfdForward::Finish(MicroBatch& mb) {
     stats_.layer_round_trip_us[layer] += timing.round_trip_us;
     ++stats_.layer_calls[layer];
   }
-  const int64_t waited = Micros(Clock::now() - wait_start);
+  const auto answered = Clock::now();
+  const int64_t waited = Micros(answered - wait_start);
+  Clock::time_point first_sent = wait_start;
+  for (const MicroBatch::Call& c : mb.calls) first_sent = std::min(first_sent, c.sent);
+  ++stats_.exchanges;
+  stats_.exchange_us += Micros(answered - first_sent);
   stats_.wait_us += waited;
   stats_.layer_wait_us[layer] += waited;
   mb.calls.clear();

@@ -169,12 +169,15 @@ absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Create(
     }
   }
   if (o.role == v1::WORKER_ROLE_ATTENTION) {
-    // Seconds as counters: rate(wait) / rate(round_trip) is the exposed share of the exchange,
+    // Seconds as counters: rate(wait) / rate(exchange) is the exposed share of the FFN exchange,
     // 1 minus it what ping-pong hides behind the other micro-batches' mixers.
     const std::pair<metrics::Counter**, std::pair<const char*, const char*>> afd[] = {
         {&m->afd_calls_, {"cleave_afd_calls_total", "Activation calls to FFN workers answered."}},
         {&m->afd_round_trip_seconds_,
          {"cleave_afd_round_trip_seconds_total", "Sum of the calls' round trips (send to answer in)."}},
+        {&m->afd_exchange_seconds_,
+         {"cleave_afd_exchange_seconds_total",
+          "Sum over (micro-batch, layer) FFN exchanges of first call sent to last answer in."}},
         {&m->afd_wait_seconds_,
          {"cleave_afd_wait_seconds_total", "Time the attention side spent blocked on FFN answers."}},
         {&m->afd_compute_seconds_,
@@ -194,6 +197,7 @@ void WorkerMetrics::RecordAfd(const AfdStats& s) const {
   if (afd_calls_ == nullptr) return;
   afd_calls_->Inc(s.calls);
   afd_round_trip_seconds_->Inc(static_cast<double>(s.round_trip_us) * 1e-6);
+  afd_exchange_seconds_->Inc(static_cast<double>(s.exchange_us) * 1e-6);
   afd_wait_seconds_->Inc(static_cast<double>(s.wait_us) * 1e-6);
   afd_compute_seconds_->Inc(static_cast<double>(s.compute_us) * 1e-6);
   afd_bytes_sent_->Inc(s.bytes_sent);

@@ -48,7 +48,10 @@ struct AfdStats {
   uint64_t steps = 0;
   int64_t round_trip_us = 0;  // Send -> answer in, summed over calls
   int64_t compute_us = 0;     // the FFN side's handler time, summed
-  int64_t wait_us = 0;        // the attention side blocked in Wait, summed over waits
+  uint64_t exchanges = 0;     // (micro-batch, layer) FFN exchanges: one or more calls each
+  int64_t exchange_us = 0;    // first call sent -> last answer in, summed over exchanges
+  int64_t wait_us = 0;        // the attention side blocked on answers, summed over exchanges;
+                              // 1 - wait / exchange = the share hidden behind other micro-batches
   int64_t bytes_sent = 0;     // activation payload bytes, attention -> FFN
   int64_t bytes_received = 0; // FFN -> attention
   // Per-layer round trip and wait, [num_layers] (for the benchmark's per-layer latency).

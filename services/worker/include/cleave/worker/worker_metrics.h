@@ -111,6 +111,7 @@ class WorkerMetrics {
   // ATTENTION role only (null otherwise).
   metrics::Counter* afd_calls_ = nullptr;
   metrics::Counter* afd_round_trip_seconds_ = nullptr;
+  metrics::Counter* afd_exchange_seconds_ = nullptr;
   metrics::Counter* afd_wait_seconds_ = nullptr;
   metrics::Counter* afd_compute_seconds_ = nullptr;
   metrics::Counter* afd_bytes_sent_ = nullptr;
