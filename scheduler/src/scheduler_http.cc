@@ -129,11 +129,17 @@ std::string SchedulerHttp::Render() {
 }
 
 absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const admin::AdminServerOptions& options) {
+  // /ready is the control plane's: workers must be able to reach a scheduler whose decode capacity
+  // is gone (a Kubernetes Service gated on it would keep out the FFN worker that completes an AFD
+  // group). /ready/serving adds whether requests can run now, with the reason when not.
   std::map<std::string, admin::AdminHandler> routes = admin::StandardRoutes(
+      registry_, [this]() -> std::string { return draining_.load() ? "draining" : std::string(); });
+  std::map<std::string, admin::AdminHandler> serving = admin::StandardRoutes(
       registry_, [this]() -> std::string {
         if (draining_.load()) return "draining";
         return not_ready_ ? not_ready_() : std::string();
       });
+  routes["/ready/serving"] = serving["/ready"];
   // Fresh snapshot per scrape: the standard route renders the registry only.
   routes["/metrics"] = [this] {
     return admin::AdminResponse{200, std::string(metrics::kContentType), Render()};

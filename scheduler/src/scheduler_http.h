@@ -1,6 +1,7 @@
 // The scheduler's HTTP port (admin::AdminServer): /metrics (the recorded SchedulerMetrics plus
-// gauges collected from a Stats() snapshot at each scrape), /health, /ready (not while draining,
-// nor while SchedulerCore::NotReadyReason() says why not, e.g. an incomplete AFD group),
+// gauges collected from a Stats() snapshot at each scrape), /health, /ready (the control plane:
+// not while draining), /ready/serving (also not while SchedulerCore::NotReadyReason() says why
+// requests cannot run, e.g. an incomplete AFD group),
 // /discovery/prometheus (Prometheus HTTP service discovery: every registered worker's HTTP port,
 // labelled with its role and name), /debug/stats (the Stats() snapshot as JSON). Private to
 // cleave_scheduler.

@@ -21,9 +21,29 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 VENV_BIN = ROOT / ".venv" / "bin"
 
-# The roles a P/D deployment runs, each its own Deployment named cleave-<role>.
-ROLES = ("scheduler", "frontend", "prefill", "decode")
-WORKER_ROLES = ("prefill", "decode")
+# The roles a deployment runs, each its own workload named cleave-<role>: a P/D deployment's, and
+# an AFD deployment's (docs/afd.md: an AFD group's attention workers are its decode targets).
+PD_ROLES = ("scheduler", "frontend", "prefill", "decode")
+AFD_ROLES = ("scheduler", "frontend", "prefill", "attention", "ffn")
+ROLES = ("scheduler", "frontend", "prefill", "decode", "attention", "ffn")
+WORKER_ROLES = ("prefill", "decode", "attention", "ffn")
+# Roles run as a StatefulSet, the others as a Deployment: an FFN worker's ordinal is its shard.
+STATEFUL_ROLES = ("ffn",)
+# The downward-API label holding a StatefulSet pod's ordinal (Kubernetes >= 1.28).
+POD_INDEX_FIELD = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def is_afd_overlay(overlay):
+    """Overlays named *-afd run an AFD group instead of decode workers."""
+    return overlay.endswith("-afd")
+
+
+def overlay_roles(overlay):
+    return AFD_ROLES if is_afd_overlay(overlay) else PD_ROLES
+
+
+def overlay_worker_roles(overlay):
+    return tuple(r for r in overlay_roles(overlay) if r in WORKER_ROLES)
 
 
 def tool(name):
@@ -75,6 +95,17 @@ def deployment(docs, role):
     return by_name(docs, "Deployment", f"cleave-{role}")
 
 
+def workload(docs, role):
+    """The role's Deployment, or its StatefulSet for STATEFUL_ROLES."""
+    return by_name(docs, "StatefulSet" if role in STATEFUL_ROLES else "Deployment", f"cleave-{role}")
+
+
+def workloads(docs):
+    """Every object that runs pods."""
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob",
+                                             "Pod")]
+
+
 def container(dep):
     containers = dep["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, f"{dep['metadata']['name']}: one container expected"
@@ -94,6 +125,43 @@ def flags(c):
         else:
             out[None].append(a)
     return out
+
+
+def env_values(c, pod_name, pod_ip="127.0.0.1", ordinal=None, cpu="1"):
+    """The container's env as the kubelet would set it for one pod: literal values, and the
+    downward API fields these manifests use (pod IP, pod name, a StatefulSet pod's ordinal, the CPU
+    limit). `ordinal` is None for a Deployment's pod, which has no pod-index label. Fails on any
+    other source, so that a new one gets a thought here."""
+    out = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            out[e["name"]] = str(e["value"])
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            path = src["fieldRef"]["fieldPath"]
+            if path == "status.podIP":
+                out[e["name"]] = pod_ip
+            elif path == "metadata.name":
+                out[e["name"]] = pod_name
+            elif path == POD_INDEX_FIELD:
+                assert ordinal is not None, f"{e['name']}: only a StatefulSet's pods carry the pod-index label"
+                out[e["name"]] = str(ordinal)
+            else:
+                pytest.fail(f"{e['name']}: unexpected fieldRef {path}")
+        elif "resourceFieldRef" in src:
+            assert src["resourceFieldRef"]["resource"] == "limits.cpu", src
+            out[e["name"]] = cpu
+        else:
+            pytest.fail(f"{e['name']}: unexpected env source {src}")
+    return out
+
+
+def expand(arg, env):
+    """`$(NAME)` in an arg, expanded as Kubernetes does (a name the container's env lacks stays
+    as written; `$$` escapes)."""
+    return re.sub(r"\$(\$|\(([A-Za-z_][A-Za-z0-9_]*)\))",
+                  lambda m: "$" if m.group(1) == "$" else env.get(m.group(2), m.group(0)), arg)
 
 
 def port_of(address):

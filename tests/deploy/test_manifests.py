@@ -1,7 +1,8 @@
 """The Kubernetes manifests (deploy/k8s): every overlay renders with kubectl kustomize, every
 object validates against the Kubernetes API schemas, and the deployment is what cleave needs:
 every role, probes and Prometheus annotations on each process's HTTP port, pod-IP binding, drain
-grace within the termination grace period, GPUs only where meant, a config cleave accepts.
+grace within the termination grace period, GPUs only where meant, a config cleave accepts, and for
+an AFD overlay one complete AFD group (FFN shards from the StatefulSet ordinals).
 """
 import re
 import signal
@@ -12,8 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploylib import (DOCKERFILE, OVERLAYS, ROLES, ROOT, WORKER_ROLES, by_name, cleave_bin, container,
-                       deployment, flags, kustomize_version, objects, port_of, render, rendered_config, tool)
+from deploylib import (DOCKERFILE, OVERLAYS, POD_INDEX_FIELD, ROOT, WORKER_ROLES, by_name,
+                       cleave_bin, container, deployment, env_values, expand, flags, is_afd_overlay,
+                       kustomize_version, objects, overlay_roles, overlay_worker_roles, port_of, render,
+                       rendered_config, tool, workload, workloads)
 
 # The oldest Kubernetes these manifests support (preStop `sleep` is on by default from 1.30) and
 # a recent one; both ship with kubernetes-validate's offline schemas.
@@ -28,9 +31,15 @@ LISTEN_FLAGS = {
     "frontend": ("--http", "--grpc", "--admin-http"),
     "prefill": ("--http",),
     "decode": ("--http", "--kv-host"),
+    "attention": ("--http", "--kv-host"),
+    "ffn": ("--http", "--ffn-host"),
 }
-HEALTH_FLAG = {"scheduler": "--http", "frontend": "--admin-http", "prefill": "--http", "decode": "--http"}
-SUBCOMMAND = {"scheduler": ["scheduler"], "frontend": ["frontend"], "prefill": ["worker"], "decode": ["worker"]}
+# Listen flags that take a bare host, and the flag of each one's port.
+HOST_FLAGS = {"--kv-host": "--kv-port", "--ffn-host": "--ffn-port"}
+HEALTH_FLAG = {"scheduler": "--http", "frontend": "--admin-http", "prefill": "--http", "decode": "--http",
+               "attention": "--http", "ffn": "--http"}
+SUBCOMMAND = {"scheduler": ["scheduler"], "frontend": ["frontend"], "prefill": ["worker"], "decode": ["worker"],
+              "attention": ["worker"], "ffn": ["worker"]}
 
 
 def is_gpu_overlay(overlay):
@@ -38,7 +47,22 @@ def is_gpu_overlay(overlay):
 
 
 def test_expected_overlays_exist():
-    assert {"cpu-local", "gpu-pd"} <= set(OVERLAYS), OVERLAYS
+    assert {"cpu-local", "gpu-pd", "gpu-afd"} <= set(OVERLAYS), OVERLAYS
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_runs_exactly_its_roles(overlay):
+    """P/D overlays run PD_ROLES, *-afd overlays AFD_ROLES (no decode workers): one workload, one
+    Service and one PodDisruptionBudget per role, and nothing else."""
+    docs = render(overlay)
+    want = {f"cleave-{r}" for r in overlay_roles(overlay)}
+    for what, found in (("workloads", workloads(docs)), ("Services", objects(docs, "Service")),
+                        ("PodDisruptionBudgets", objects(docs, "PodDisruptionBudget"))):
+        names = sorted(d["metadata"]["name"] for d in found)
+        assert sorted(want) == names, f"{overlay} {what}: {names}"
+    for role in overlay_roles(overlay):
+        w = workload(docs, role)
+        assert w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == role
 
 
 def test_kubectl_has_kustomize_v5():
@@ -62,8 +86,8 @@ def test_objects_validate_against_schemas(overlay, k8s_version):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_role_runs_its_subcommand(overlay):
     docs = render(overlay)
-    for role in ROLES:
-        c = container(deployment(docs, role))
+    for role in overlay_roles(overlay):
+        c = container(workload(docs, role))
         f = flags(c)
         assert c["image"].split(":")[0].split("/")[-1] == "cleave", c["image"]
         assert f[None] == SUBCOMMAND[role], f"{role}: positional args {f[None]}"
@@ -73,40 +97,54 @@ def test_every_role_runs_its_subcommand(overlay):
     sched = deployment(docs, "scheduler")
     assert sched["spec"]["replicas"] == 1
     assert sched["spec"]["strategy"]["type"] == "Recreate", "two schedulers must never run at once"
-    images = {container(deployment(docs, r))["image"] for r in ROLES}
+    images = {container(workload(docs, r))["image"] for r in overlay_roles(overlay)}
     assert len(images) == 1, f"one image for every role: {images}"
     tag = images.pop().rsplit(":", 1)[-1]
     assert ("cuda" if is_gpu_overlay(overlay) else "cpu") in tag, tag
 
 
-@pytest.mark.parametrize("overlay,replicas", [("cpu-local", 1), ("gpu-pd", 2)])
+@pytest.mark.parametrize("overlay,replicas", [("cpu-local", 1), ("gpu-pd", 2), ("gpu-afd", 2)])
 def test_worker_replicas(overlay, replicas):
     docs = render(overlay)
-    for role in WORKER_ROLES:
-        assert deployment(docs, role)["spec"]["replicas"] == replicas, role
+    for role in overlay_worker_roles(overlay):
+        assert workload(docs, role)["spec"]["replicas"] == replicas, role
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_processes_bind_the_pod_ip(overlay):
     docs = render(overlay)
-    for role in ROLES:
-        c = container(deployment(docs, role))
+    for role in overlay_roles(overlay):
+        c = container(workload(docs, role))
         for a in c.get("args", []):
             assert not re.search(r"0\.0\.0\.0|\[::\]|(^|=)::(:|$)", a), f"{role} binds a wildcard: {a}"
         f = flags(c)
         for flag in LISTEN_FLAGS[role]:
             assert flag in f, f"{role}: {flag} missing"
-            host = f[flag] if flag == "--kv-host" else port_of(f[flag])[0]
+            host = f[flag] if flag in HOST_FLAGS else port_of(f[flag])[0]
             assert host == "$(POD_IP)", f"{role} {flag}={f[flag]}: must bind $(POD_IP)"
         env = {e["name"]: e for e in c.get("env", [])}
         assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", role
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_arg_variables_come_from_the_env(overlay):
+    """Every $(VAR) in the args names one of the container's env vars (Kubernetes leaves an
+    unknown one as written, and cleave would get the literal text), from a source the pod has."""
+    docs = render(overlay)
+    for role in overlay_roles(overlay):
+        w = workload(docs, role)
+        c = container(w)
+        ordinal = 0 if w["kind"] == "StatefulSet" else None
+        env = env_values(c, f"cleave-{role}-0", ordinal=ordinal)
+        for a in c.get("args", []):
+            assert "$(" not in expand(a, env), f"{role}: {a} uses a variable its env does not define"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_prometheus_annotations_use_the_health_port(overlay):
     docs = render(overlay)
-    for role in ROLES:
-        dep = deployment(docs, role)
+    for role in overlay_roles(overlay):
+        dep = workload(docs, role)
         c = container(dep)
         _, port = port_of(flags(c)[HEALTH_FLAG[role]])
         live, ready = c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]
@@ -121,10 +159,9 @@ def test_probes_and_prometheus_annotations_use_the_health_port(overlay):
         assert ann["prometheus.io/port"] == str(port), f"{role}: scrape port {ann['prometheus.io/port']} != {port}"
         declared = {p["containerPort"] for p in c["ports"]}
         for flag in LISTEN_FLAGS[role]:
-            if flag != "--kv-host":
-                assert port_of(flags(c)[flag])[1] in declared, f"{role}: {flag} port not a containerPort"
-    decode = flags(container(deployment(docs, "decode")))
-    assert int(decode["--kv-port"]) in {p["containerPort"] for p in container(deployment(docs, "decode"))["ports"]}
+            # A bare host's listener: its port flag must be fixed (not 0, any free port) and declared.
+            port = int(flags(c)[HOST_FLAGS[flag]]) if flag in HOST_FLAGS else port_of(flags(c)[flag])[1]
+            assert port in declared, f"{role}: {flag} port {port} not a containerPort"
 
 
 def drain_grace(role, f, config):
@@ -145,9 +182,9 @@ def drain_grace(role, f, config):
 def test_termination_grace_covers_the_drain(overlay):
     docs = render(overlay)
     _, config, _ = rendered_config(docs)
-    for role in ROLES:
-        spec = deployment(docs, role)["spec"]["template"]["spec"]
-        c = container(deployment(docs, role))
+    for role in overlay_roles(overlay):
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        c = container(workload(docs, role))
         pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         needed = pre_stop + drain_grace(role, flags(c), config) + GRACE_MARGIN_S
         assert spec["terminationGracePeriodSeconds"] >= needed, (
@@ -158,9 +195,9 @@ def test_termination_grace_covers_the_drain(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpus_only_in_gpu_overlays_and_only_on_workers(overlay):
     docs = render(overlay)
-    for role in ROLES:
-        spec = deployment(docs, role)["spec"]["template"]["spec"]
-        res = container(deployment(docs, role))["resources"]
+    for role in overlay_roles(overlay):
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        res = container(workload(docs, role))["resources"]
         gpu = (res.get("requests", {}).get("nvidia.com/gpu"), res.get("limits", {}).get("nvidia.com/gpu"))
         if is_gpu_overlay(overlay) and role in WORKER_ROLES:
             assert gpu == (1, 1), f"{overlay} {role}: nvidia.com/gpu requests/limits {gpu}"
@@ -175,9 +212,9 @@ def test_gpus_only_in_gpu_overlays_and_only_on_workers(overlay):
 def test_resources_and_security_context(overlay):
     docs = render(overlay)
     uid = dockerfile_uid()
-    for role in ROLES:
-        spec = deployment(docs, role)["spec"]["template"]["spec"]
-        c = container(deployment(docs, role))
+    for role in overlay_roles(overlay):
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        c = container(workload(docs, role))
         for kind in ("requests", "limits"):
             for r in ("cpu", "memory"):
                 assert r in c["resources"].get(kind, {}), f"{role}: resources.{kind}.{r} missing"
@@ -208,12 +245,13 @@ def selects(selector, labels):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_and_disruption_budgets(overlay):
     docs = render(overlay)
-    pods = {r: deployment(docs, r)["spec"]["template"]["metadata"]["labels"] for r in ROLES}
-    for role in ROLES:
+    roles = overlay_roles(overlay)
+    pods = {r: workload(docs, r)["spec"]["template"]["metadata"]["labels"] for r in roles}
+    for role in roles:
         svc = by_name(docs, "Service", f"cleave-{role}")
         matched = [r for r, labels in pods.items() if selects(svc["spec"]["selector"], labels)]
         assert matched == [role], f"Service cleave-{role} selects {matched}"
-        c = container(deployment(docs, role))
+        c = container(workload(docs, role))
         names = {p["name"]: p["containerPort"] for p in c["ports"]}
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in names, f"cleave-{role}: targetPort {p['targetPort']} not a container port"
@@ -226,12 +264,17 @@ def test_services_and_disruption_budgets(overlay):
     assert front_ports == {"http", "grpc"}, f"the admin port stays off the client Service: {front_ports}"
     # Everyone dials the scheduler through its Service, on the port the scheduler listens on.
     sched_listen = port_of(flags(container(deployment(docs, "scheduler")))["--listen"])[1]
-    for role in ROLES[1:]:
-        assert flags(container(deployment(docs, role)))["--scheduler"] == f"cleave-scheduler:{sched_listen}", role
-    for role in ("scheduler", "frontend"):
+    for role in roles:
+        if role != "scheduler":
+            assert flags(container(workload(docs, role)))["--scheduler"] == f"cleave-scheduler:{sched_listen}", role
+    for role in roles:
         pdbs = [p for p in objects(docs, "PodDisruptionBudget")
                 if selects(p["spec"]["selector"]["matchLabels"], pods[role])]
         assert len(pdbs) == 1, f"{role}: {len(pdbs)} PodDisruptionBudgets"
+    for w in objects(docs, "StatefulSet"):
+        # The governing Service: headless, so that each pod gets its own DNS record.
+        svc = by_name(docs, "Service", w["spec"]["serviceName"])
+        assert svc["spec"].get("clusterIP") == "None", f"{w['metadata']['name']}: {svc['metadata']['name']}"
 
 
 # Flags naming a file, and the Secret (or ConfigMap) that must provide it.
@@ -248,6 +291,9 @@ EXPECTED_FILE_FLAGS = {
     "frontend": {"--config", "--tls-ca", "--tls-cert", "--tls-key", "--api-keys-file"},
     "prefill": {"--config", "--tls-ca", "--tls-cert", "--tls-key", "--kv-secret-file"},
     "decode": {"--config", "--tls-ca", "--tls-cert", "--tls-key", "--kv-secret-file"},
+    # The KV transport's secret also authenticates the activation connections between them.
+    "attention": {"--config", "--tls-ca", "--tls-cert", "--tls-key", "--kv-secret-file"},
+    "ffn": {"--config", "--tls-ca", "--tls-cert", "--tls-key", "--kv-secret-file"},
 }
 
 
@@ -263,9 +309,9 @@ def volume_source(vol):
 def test_file_flags_point_into_their_mounts(overlay):
     docs = render(overlay)
     cm_name = rendered_config(docs)[0]["metadata"]["name"]
-    for role in ROLES:
-        spec = deployment(docs, role)["spec"]["template"]["spec"]
-        c = container(deployment(docs, role))
+    for role in overlay_roles(overlay):
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        c = container(workload(docs, role))
         f = flags(c)
         assert {k for k in f if k in FILE_FLAGS} == EXPECTED_FILE_FLAGS[role], role
         vols = {v["name"]: v for v in spec["volumes"]}
@@ -304,7 +350,8 @@ def config_key_sets():
 
 
 def port_conflicts(config):
-    """config.cc's ValidatePorts: no two fixed ports (a worker group claims [port, port + replicas))."""
+    """config.cc's ValidatePorts: no two fixed ports (a worker group claims [port, port + replicas),
+    for its HTTP port and, an ffn group, its activation port)."""
     claims = []
 
     def claim(what, address, may_be_off, count=1):
@@ -322,6 +369,9 @@ def port_conflicts(config):
     claim("frontend.admin_http", front.get("admin_http"), True)
     for i, g in enumerate(config.get("workers", [])):
         claim(f"workers[{i}].http", g.get("http"), True, g.get("replicas", 1))
+        if g.get("role") == "ffn" and g.get("ffn_port"):
+            claim(f"workers[{i}].ffn_port", f"{g.get('ffn_listen_host', '127.0.0.1')}:{g['ffn_port']}", False,
+                  g.get("replicas", 1))
     bad = []
     for i, a in enumerate(claims):
         for b in claims[i + 1:]:
@@ -341,16 +391,45 @@ def test_config_uses_only_known_keys_and_valid_values(overlay):
     roles = []
     for g in config["workers"]:
         assert set(g) <= keys["a worker group"], set(g) - keys["a worker group"]
-        assert g["role"] in ("prefill", "decode", "colocated"), g["role"]
+        assert g["role"] in ("prefill", "decode", "colocated", "attention", "ffn"), g["role"]
         assert g.get("replicas", 1) >= 1 and g.get("drain_grace_s", 30) >= 0
+        assert 1 <= g.get("micro_batches", 2) <= 8
+        if g["role"] in ("attention", "ffn"):
+            assert g.get("afd_group"), f"{g['role']}: afd_group is required"
         roles.append(g["role"])
-    assert set(WORKER_ROLES) <= set(roles), f"a worker group per role: {roles}"
+    # `cleave worker --config` reads the first group of its role: one group per role the overlay runs.
+    assert sorted(roles) == sorted(overlay_worker_roles(overlay)), f"worker groups {roles}"
     assert config["frontend"].get("drain_grace_s", 30) >= 0
     assert not port_conflicts(config), port_conflicts(config)
     assert "0.0.0.0" not in yaml.safe_dump(config)
-    # The model the image bundles (deploy/docker/Dockerfile copies it to /opt/cleave/models).
-    assert config["model"] == "/opt/cleave/models/stories260K", config["model"]
-    assert "COPY --from=build-cpu /out/models /opt/cleave/models" in DOCKERFILE.read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_that_loads_the_model_has_it(overlay):
+    """The config's model is the one the image bundles, or lies on a read-only PersistentVolumeClaim
+    that every pod reading it mounts: the workers (weights) and the frontends (tokenizer). The
+    scheduler reads neither."""
+    docs = render(overlay)
+    model = rendered_config(docs)[1]["model"]
+    readers = [r for r in overlay_roles(overlay) if r != "scheduler"]
+    if model.startswith("/opt/cleave/models/"):
+        # deploy/docker/Dockerfile copies the bundled model to /opt/cleave/models.
+        assert model == "/opt/cleave/models/stories260K", model
+        assert "COPY --from=build-cpu /out/models /opt/cleave/models" in DOCKERFILE.read_text()
+        return
+    claims = set()
+    for role in readers:
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        c = container(workload(docs, role))
+        assert "--model" not in flags(c), f"{role}: the model comes from the config"
+        mount = next((m for m in c["volumeMounts"] if model.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        assert mount, f"{role}: no volume mounted at {model}"
+        assert mount.get("readOnly") is True, f"{role}: mount the model read-only"
+        vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        assert "persistentVolumeClaim" in vol, f"{role}: the model's volume {vol}"
+        assert vol["persistentVolumeClaim"].get("readOnly") is True, role
+        claims.add(vol["persistentVolumeClaim"]["claimName"])
+    assert len(claims) == 1, f"one model volume for every pod: {claims}"
 
 
 def test_config_key_check_catches_a_typo():
@@ -359,6 +438,10 @@ def test_config_key_check_catches_a_typo():
     assert not set(config["scheduler"]) <= config_key_sets()["scheduler"]
     config["workers"][0]["http"] = config["frontend"]["http"]
     assert port_conflicts(config)
+    config = yaml.safe_load((ROOT / "deploy" / "k8s" / "base" / "cleave.yaml").read_text())
+    assert not port_conflicts(config)
+    config["workers"].append({"role": "ffn", "replicas": 2, "afd_group": "g0", "ffn_port": 8199})
+    assert port_conflicts(config) == ["workers[0].http overlaps workers[2].ffn_port"], port_conflicts(config)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -405,11 +488,77 @@ def test_every_flag_exists_in_the_cli(overlay):
         pytest.skip("no cleave binary built (set CLEAVE_BIN or build into build/)")
     docs = render(overlay)
     missing = []
-    for role in ROLES:
-        f = flags(container(deployment(docs, role)))
+    for role in overlay_roles(overlay):
+        f = flags(container(workload(docs, role)))
         known = help_flags(binary, SUBCOMMAND[role][0])
         missing += [f"{role}: {k}" for k in f if k is not None and k not in known]
     assert not missing, "flags the binary does not declare:\n" + "\n".join(missing)
+
+
+# --- AFD ---------------------------------------------------------------------------------------
+
+AFD_OVERLAYS = [o for o in OVERLAYS if is_afd_overlay(o)]
+
+
+def test_there_is_an_afd_overlay():
+    assert AFD_OVERLAYS, OVERLAYS
+
+
+@pytest.mark.parametrize("overlay", AFD_OVERLAYS)
+def test_ffn_shards_are_the_statefulset_ordinals(overlay):
+    """Pod cleave-ffn-R runs --ffn-shard R --ffn-shards N, N = replicas = the config's ffn
+    replicas: together the pods hold every expert once (model::PlaceExperts of N)."""
+    docs = render(overlay)
+    sts = workload(docs, "ffn")
+    replicas = sts["spec"]["replicas"]
+    c = container(sts)
+    f = flags(c)
+    env = {e["name"]: e for e in c["env"]}
+    assert f["--ffn-shard"] == "$(FFN_SHARD)", f["--ffn-shard"]
+    assert env["FFN_SHARD"]["valueFrom"]["fieldRef"]["fieldPath"] == POD_INDEX_FIELD
+    # The pod-index label exists from Kubernetes 1.28 (beta, on by default).
+    assert tuple(map(int, KUBERNETES_VERSIONS[0].split(".")[:2])) >= (1, 28)
+    for r in range(replicas):
+        values = env_values(c, f"cleave-ffn-{r}", ordinal=r)
+        assert expand(f["--ffn-shard"], values) == str(r)
+        assert expand(f["--ffn-shards"], values) == str(replicas), (
+            f"--ffn-shards {f['--ffn-shards']} = {expand(f['--ffn-shards'], values)}, replicas {replicas}")
+    # An explicit expert list would give every pod of the one template the same experts.
+    assert "--ffn-experts" not in f and "--ffn-shared-expert" not in f
+    group = next(g for g in rendered_config(docs)[1]["workers"] if g["role"] == "ffn")
+    assert group.get("replicas", 1) == replicas, "the config's ffn replicas (the shards of `cleave serve`)"
+    assert "ffn_experts" not in group and not group.get("ffn_shared_expert")
+    # The shards load their weights at the same time, not each after the previous one is ready.
+    assert sts["spec"].get("podManagementPolicy") == "Parallel"
+    assert sts["spec"].get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+
+
+@pytest.mark.parametrize("overlay", AFD_OVERLAYS)
+def test_attention_and_ffn_workers_form_one_group(overlay):
+    docs = render(overlay)
+    _, config, _ = rendered_config(docs)
+    groups = {flags(container(workload(docs, r)))["--afd-group"] for r in ("attention", "ffn")}
+    groups |= {g["afd_group"] for g in config["workers"] if g["role"] in ("attention", "ffn")}
+    assert len(groups) == 1, f"pods and config name the AFD groups {groups}"
+    # Attention workers are decode targets: a KV receiver on the pod IP, like decode workers.
+    attention = flags(container(workload(docs, "attention")))
+    assert attention["--kv-host"] == "$(POD_IP)" and int(attention["--kv-port"]) > 0
+    # FFN workers are dialled at the host they advertise: --kv-advertise-host, else --ffn-host.
+    ffn = flags(container(workload(docs, "ffn")))
+    assert ffn.get("--kv-advertise-host", ffn["--ffn-host"]) == "$(POD_IP)"
+    assert "--kv-host" not in ffn and "--kv-port" not in ffn, "FFN workers hold no KV"
+
+
+@pytest.mark.parametrize("overlay", AFD_OVERLAYS)
+def test_scheduler_service_keeps_readiness_gating(overlay):
+    """The scheduler's readiness probe (/ready) is its control plane's, 200 even while an AFD group
+    is incomplete, so that the FFN workers that complete the group can reach it through the
+    Service: the Service needs no publishNotReadyAddresses (test_pod_args shows /ready 200 and
+    /ready/serving 503 then)."""
+    svc = by_name(render(overlay), "Service", "cleave-scheduler")
+    assert not svc["spec"].get("publishNotReadyAddresses"), svc["spec"]
+    probe = container(deployment(render(overlay), "scheduler"))["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ready", probe
 
 
 def test_validation_rejects_a_broken_object():

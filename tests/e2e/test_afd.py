@@ -130,9 +130,11 @@ def test_afd_identical_to_offline(tmp_path, family, micro_batches, reference, pb
         assert cluster.stop() == 0, cluster.logs()
 
 
-def ready(port):
+def ready(port, path="/ready/serving"):
+    """The scheduler's serving readiness (its /ready is the control plane's, up while a group is
+    incomplete); path="/ready" on the frontend's port for the frontend's."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -203,6 +205,11 @@ def test_kill_ffn_worker_mid_stream(tmp_path):
             time.sleep(0.1)
         code, body = ready(cluster.sched_http_port)
         assert code == 503 and "g0" in body, (code, body)
+        assert ready(cluster.sched_http_port, "/ready")[0] == 200  # workers can still register
+        deadline = time.time() + 2  # the frontend caches its readiness for 250 ms
+        while ready(cluster.http_port, "/ready")[0] != 503:  # no decode capacity left
+            assert time.time() < deadline, "the frontend still reports ready"
+            time.sleep(0.05)
         assert cluster.get("/health")[0] == 200
         client = openai_client(cluster, timeout=30)
         t0 = time.time()

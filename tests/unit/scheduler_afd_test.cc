@@ -537,7 +537,9 @@ TEST(AfdServiceTest, PeersReadinessAndMetrics) {
                          "127.0.0.1:9201");
   const uint64_t f0 = reg(FfnRegistration(Half("ffn-0", 0, true)), "127.0.0.1:9202");
 
-  const auto ready = cleave::testing::HttpGet(http, "/ready");
+  // The control plane stays ready (FFN workers must still reach it); serving is what is not.
+  EXPECT_EQ(cleave::testing::HttpGet(http, "/ready").status, 200);
+  const auto ready = cleave::testing::HttpGet(http, "/ready/serving");
   EXPECT_EQ(ready.status, 503);
   EXPECT_NE(ready.body.find("AFD group g0 is incomplete: expert 4 has no FFN worker"), std::string::npos)
       << ready.body;
@@ -583,7 +585,7 @@ TEST(AfdServiceTest, PeersReadinessAndMetrics) {
   EXPECT_TRUE(msg.afd_peers().complete());
   ASSERT_EQ(msg.afd_peers().peers_size(), 2);
   EXPECT_EQ(msg.afd_peers().peers(1).worker_id(), f1);
-  EXPECT_EQ(cleave::testing::HttpGet(http, "/ready").status, 200);
+  EXPECT_EQ(cleave::testing::HttpGet(http, "/ready/serving").status, 200);
   ctx.TryCancel();
   (void)stream->Finish();
 }
