@@ -108,7 +108,7 @@ void RegisterWorker(CLI::App& app) {
   cmd->add_option("--max-batch-tokens", args->max_batch_tokens, "tokens per iteration (default 512)");
   cmd->add_option("--max-running", args->max_running, "running requests at most (default 256)");
   cmd->add_option("--threads", args->threads, "kernel threads (default: all cores)");
-  cmd->add_option("--kv-host", args->kv_host, "address the KV receiver listens on (decode role)");
+  cmd->add_option("--kv-host", args->kv_host, "address the KV receiver listens on (decode and attention roles)");
   cmd->add_option("--kv-port", args->kv_port, "port of the KV receiver (default: any free port)");
   cmd->add_option("--http", args->http,
                   "HOST:PORT of the HTTP port: /metrics, /health, /ready (default 127.0.0.1:0, any free "
@@ -119,10 +119,11 @@ void RegisterWorker(CLI::App& app) {
                   "file of >= 32 bytes: the cluster secret that authenticates KV transport connections "
                   "(default: the config's kv_secret_file; none = unauthenticated)");
   cmd->add_option("--kv-advertise-host", args->kv_advertise_host,
-                  "host prefill workers dial for this worker's KV (default: --kv-host)");
+                  "host peers dial for this worker: prefill workers for its KV (decode, attention; default "
+                  "--kv-host), attention workers for its activation listener (ffn; default --ffn-host)");
   cmd->add_option("--afd-group", args->afd_group, "attention / ffn roles: the AFD group (required for them)");
   cmd->add_option("--micro-batches", args->micro_batches,
-                  "attention role: micro-batches per step, 1-3 (default 2: ping-pong)");
+                  "attention role: micro-batches per step, 1-8 (default 2: ping-pong; 1 = no overlap)");
   cmd->add_option("--ffn-call-timeout-ms", args->ffn_call_timeout_ms,
                   "attention role: an FFN answer later than this fails the step (default 5000)");
   cmd->add_option("--ffn-shard", args->ffn_shard, "ffn role: this worker's index in its group (default 0)");
@@ -141,10 +142,22 @@ void RegisterWorker(CLI::App& app) {
     if (!role.ok()) return Fail(role.status());
     worker::WorkerProcessOptions o;
     o.role = *role;
+    int group_replicas = 1;
     for (const WorkerGroup& g : c->workers) {
       if (g.options.role == *role) {
         o = g.options;
+        group_replicas = g.replicas;
         break;
+      }
+    }
+    // An FFN worker of a config's group of N owns one of N expert shards: which one must be said,
+    // or it would silently take every expert.
+    if (*role == v1::WORKER_ROLE_FFN && o.ffn_experts.empty() && !o.ffn_shared_expert && group_replicas > 1) {
+      o.ffn_shards = group_replicas;
+      if (args->ffn_shard < 0) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat(
+            "the config's ffn group has ", group_replicas, " replicas: pass --ffn-shard R (0..",
+            group_replicas - 1, ") to say which share of the experts this worker owns")));
       }
     }
     o.model_dir = args->model.empty() ? c->model : args->model;

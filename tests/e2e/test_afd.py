@@ -276,3 +276,8 @@ def test_attention_role_needs_a_group(tmp_path):
                           "127.0.0.1:1", "--afd-group", "g0", "--ffn-experts", "3,3", "--http", "off"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "listed twice" in out.stderr, out.stderr
+    # A config's ffn group of 2: a worker started from it must say which shard it is.
+    out = subprocess.run([CLEAVE, "worker", "--role", "ffn", "--config", str(ROOT / "configs" / "afd.yaml"),
+                          "--scheduler", "127.0.0.1:1", "--http", "off"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode != 0 and "--ffn-shard" in out.stderr, out.stderr
