@@ -5,17 +5,18 @@
 //
 //   afd_bench [--batches 8,32,64] [--steps 20] [--warmup 3] [--reps 3] [--context 64]
 //             [--hidden 512] [--layers 4] [--experts 8] [--top-k 2] [--intermediate 1024]
-//             [--vocab 2048] [--dtype bf16|f32] [--model DIR] [--ffn threads|procs]
+//             [--vocab 2048] [--dtype bf16|f32] [--model DIR] [--ffn procs|threads]
 //             [--layer-table-batch 32]
 //
 // Set-up: a random Mixtral-like checkpoint (or --model DIR), 2 FFN services each holding its
 // PlaceExperts(config, 2) shard, an attention-only model driving AfdForward, and the full model for
 // the colocated baseline. Kernel threads = 1, so the attention side computes on the main thread
-// and each FFN service on its connection thread (--ffn procs: in a forked child process each).
+// and each FFN service in a forked child process, as deployed (--ffn threads: on a connection
+// thread of this process, where kernel calls serialise on the kernel pool).
 // All modes decode the same tokens at the same positions over one KV cache: each mode restarts at
 // position --context and rewrites the same slots with the same values (the paths are
-// bit-identical), so no mode sees a longer context than another. --ffn procs exists because
-// kernel calls from threads of one process serialise on the kernel pool (see the report's note).
+// bit-identical), so no mode sees a longer context than another. --ffn threads shows what
+// serialising every kernel call of one process on the kernel pool costs (see the report).
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -63,7 +64,7 @@ struct Flags {
   std::vector<int> batches{8, 32, 64};
   int steps = 20, warmup = 3, reps = 3, context = 64;
   int hidden = 512, layers = 4, experts = 8, top_k = 2, intermediate = 1024, vocab = 2048;
-  std::string dtype = "bf16", model, ffn = "threads";
+  std::string dtype = "bf16", model, ffn = "procs";
   int layer_table_batch = 32;
 };
 
