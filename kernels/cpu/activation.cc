@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ops.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -32,6 +33,9 @@ void SwiGluRow(const float* gate, const float* up, int64_t f, float* out) {
 }  // namespace
 
 absl::Status SwiGlu(const Tensor& gate_up, Tensor& out, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::SwiGlu(gate_up, out, stream);
+#endif
   constexpr const char* kOp = "SwiGlu";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(

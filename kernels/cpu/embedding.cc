@@ -7,12 +7,16 @@
 #include "absl/strings/str_cat.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ops.h"
 #include "parallel.h"
 #include "simd.h"
 
 namespace cleave::kernels {
 
 absl::Status EmbeddingLookup(const Tensor& ids, const Tensor& table, Tensor& out, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::EmbeddingLookup(ids, table, out, stream);
+#endif
   constexpr const char* kOp = "EmbeddingLookup";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "ids", ids, DType::kI32, {cpu::kAnyDim}));

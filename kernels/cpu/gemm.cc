@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ops.h"
 #include "linear_params.h"
 #include "parallel.h"
 #include "simd.h"
@@ -224,6 +225,9 @@ absl::Status CheckLinearArgs(const Tensor& x, const Tensor& w, const Tensor* bia
 
 absl::Status Linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y,
                     Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!y.device().is_cpu()) return cuda::Linear(x, w, bias, y, stream);
+#endif
   CLEAVE_RETURN_IF_ERROR(CheckLinearArgs(x, w, bias, y, stream));
   LinearParams p{x.data_as<const float>(), w.data(), w.dtype(),
                  bias != nullptr ? bias->data_as<const float>() : nullptr, y.data_as<float>(),

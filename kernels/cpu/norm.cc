@@ -9,6 +9,7 @@
 
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ops.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -36,6 +37,9 @@ absl::Status CheckRows(const char* op, const char* name, const Tensor& t, int64_
 
 absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out,
                      Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::RmsNorm(x, weight, eps, out, stream);
+#endif
   constexpr const char* kOp = "RmsNorm";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(CheckRows(kOp, "x", x, cpu::kAnyDim, cpu::kAnyDim));
@@ -56,6 +60,9 @@ absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& o
 
 absl::Status AddRmsNorm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps,
                         Tensor& out, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::AddRmsNorm(x, residual, weight, eps, out, stream);
+#endif
   constexpr const char* kOp = "AddRmsNorm";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(CheckRows(kOp, "x", x, cpu::kAnyDim, cpu::kAnyDim));

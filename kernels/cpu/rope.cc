@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ops.h"
 #include "parallel.h"
 
 namespace cleave::kernels {
@@ -151,6 +152,9 @@ absl::Status BuildRopeTables(const RopeConfig& config, Tensor& cos, Tensor& sin)
 
 absl::Status ApplyRope(const Tensor& positions, const Tensor& cos, const Tensor& sin,
                        RopeStyle style, Tensor& q, Tensor& k, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!q.device().is_cpu()) return cuda::ApplyRope(positions, cos, sin, style, q, k, stream);
+#endif
   constexpr const char* kOp = "ApplyRope";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(

@@ -1,0 +1,239 @@
+// Internal to the CUDA backend (kernels/cuda/*/*.cu): error plumbing and the argument checks
+// every op runs before touching memory. The device twins of kernels/cpu/check.h: same messages
+// ("Linear: w bf16[3, 7] must have shape [*, 8]"), but every tensor of a call must sit on the
+// op's CUDA device (the output's) instead of the CPU. A bad argument is InvalidArgument; a CUDA or
+// cuBLAS failure is Internal naming the call and the error.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "cleave/kernels/backend.h"
+#include "cleave/kernels/tensor.h"
+
+namespace cleave::kernels::cuda {
+
+// ---- Errors -----------------------------------------------------------------------------------
+
+// "cudaMallocAsync(...): cudaErrorMemoryAllocation: out of memory"
+inline absl::Status CudaError(cudaError_t err, const char* what) {
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cudaGetErrorName(err), ": ", cudaGetErrorString(err)));
+}
+
+// "cublasGemmEx(...): CUBLAS_STATUS_NOT_SUPPORTED: the functionality requested is not supported"
+inline absl::Status CublasError(cublasStatus_t st, const char* what) {
+  return absl::InternalError(
+      absl::StrCat(what, ": ", cublasGetStatusName(st), ": ", cublasGetStatusString(st)));
+}
+
+}  // namespace cleave::kernels::cuda
+
+// Returns Internal from the enclosing function when a CUDA runtime call fails.
+#define CLEAVE_CUDA_RETURN_IF_ERROR(call)                                          \
+  do {                                                                             \
+    const cudaError_t cleave_cuda_err_ = (call);                                   \
+    if (cleave_cuda_err_ != cudaSuccess)                                           \
+      return ::cleave::kernels::cuda::CudaError(cleave_cuda_err_, #call);          \
+  } while (0)
+
+// Returns Internal from the enclosing function when a cuBLAS call fails.
+#define CLEAVE_CUBLAS_RETURN_IF_ERROR(call)                                        \
+  do {                                                                             \
+    const cublasStatus_t cleave_cublas_st_ = (call);                               \
+    if (cleave_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                \
+      return ::cleave::kernels::cuda::CublasError(cleave_cublas_st_, #call);       \
+  } while (0)
+
+// After a kernel<<<...>>> launch: returns Internal naming `what` (e.g. "AddBias launch") when the
+// launch failed (bad configuration, no device, a sticky error from earlier work).
+#define CLEAVE_CUDA_RETURN_IF_LAUNCH_ERROR(what)                                   \
+  do {                                                                             \
+    const cudaError_t cleave_cuda_err_ = cudaGetLastError();                       \
+    if (cleave_cuda_err_ != cudaSuccess)                                           \
+      return ::cleave::kernels::cuda::CudaError(cleave_cuda_err_, what);           \
+  } while (0)
+
+namespace cleave::kernels::cuda {
+
+// ---- Streams and devices ----------------------------------------------------------------------
+
+// The cudaStream_t behind `stream`; null -> 0, the device's legacy default stream.
+inline cudaStream_t NativeStream(const Stream* stream) {
+  return stream != nullptr ? static_cast<cudaStream_t>(stream->native_handle()) : nullptr;
+}
+
+// Makes `device` current for the scope and restores the caller's device afterwards (the current
+// device is per host thread, and callers may be driving another GPU).
+class ScopedDevice {
+ public:
+  ScopedDevice() = default;
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  ~ScopedDevice() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+
+  [[nodiscard]] absl::Status Set(int device) {
+    int current = -1;
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
+    if (current != device) {
+      CLEAVE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+      if (previous_ < 0) previous_ = current;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  int previous_ = -1;
+};
+
+// ---- Argument checks (kernels/cpu/check.h, on a CUDA device) ----------------------------------
+
+// Wildcard for CheckTensor's shape: any extent is accepted in that position.
+inline constexpr int64_t kAnyDim = -1;
+
+inline absl::Status ArgError(const char* op, const char* name, const Tensor& t,
+                             const std::string& problem) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, ": ", name, " ", t.DebugString(), " ", problem));
+}
+
+// The op's device (the output tensor's) must be a CUDA device.
+inline absl::Status CheckCudaDevice(const char* op, const char* name, const Tensor& t) {
+  if (t.device().type != DeviceType::kCuda) {
+    return ArgError(op, name, t, absl::StrCat("is on ", t.device().ToString(), ", expected a CUDA device"));
+  }
+  return absl::OkStatus();
+}
+
+// A stream, when given, must belong to the op's device (a CPU stream or another GPU's is a
+// dispatch bug, not something to paper over).
+inline absl::Status CheckStream(const char* op, const Stream* stream, Device device) {
+  if (stream != nullptr && !(stream->device() == device)) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": stream on ", stream->device().ToString(),
+                                                   " passed with tensors on ", device.ToString()));
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status CheckOnDevice(const char* op, const char* name, const Tensor& t, Device device) {
+  if (!(t.device() == device)) {
+    return ArgError(op, name, t,
+                    absl::StrCat("is on ", t.device().ToString(), ", expected ", device.ToString()));
+  }
+  return absl::OkStatus();
+}
+
+// Device, dtype, rank and shape in one call. `shape` entries may be kAnyDim.
+inline absl::Status CheckTensor(const char* op, const char* name, const Tensor& t, Device device,
+                                DType dtype, std::initializer_list<int64_t> shape) {
+  if (absl::Status s = CheckOnDevice(op, name, t, device); !s.ok()) return s;
+  if (t.dtype() != dtype) {
+    return ArgError(op, name, t, absl::StrCat("must be ", std::string(DTypeName(dtype))));
+  }
+  bool shape_ok = t.ndim() == static_cast<int>(shape.size());
+  int i = 0;
+  for (int64_t want : shape) {
+    if (!shape_ok) break;
+    shape_ok = want == kAnyDim || t.dim(i) == want;
+    ++i;
+  }
+  if (!shape_ok) {
+    std::string want;
+    for (int64_t d : shape)
+      absl::StrAppend(&want, want.empty() ? "" : ", ", d == kAnyDim ? "*" : absl::StrCat(d));
+    return ArgError(op, name, t, absl::StrCat("must have shape [", want, "]"));
+  }
+  for (int d = 0; d < t.ndim(); ++d) {
+    if (t.dim(d) < 0) return ArgError(op, name, t, "has a negative extent");
+  }
+  if (t.data() == nullptr && t.numel() > 0) return ArgError(op, name, t, "has no data");
+  return absl::OkStatus();
+}
+
+// Only the innermost dim must be packed; rows may be strided.
+inline absl::Status CheckUnitInnerStride(const char* op, const char* name, const Tensor& t) {
+  if (t.ndim() > 0 && t.dim(-1) > 1 && t.stride(-1) != 1) {
+    return ArgError(op, name, t, "must have unit stride in its last dim");
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status CheckContiguous(const char* op, const char* name, const Tensor& t) {
+  if (!t.is_contiguous()) return ArgError(op, name, t, "must be contiguous");
+  return absl::OkStatus();
+}
+
+// ---- Launch geometry --------------------------------------------------------------------------
+
+// Blocks for a grid-stride loop over `work` items at `threads` per block, capped at `max_blocks`
+// (at least 1, so an empty launch is still a valid configuration).
+inline unsigned int GridFor(int64_t work, int threads, int64_t max_blocks = 4096) {
+  int64_t blocks = (work + threads - 1) / threads;
+  if (blocks > max_blocks) blocks = max_blocks;
+  if (blocks < 1) blocks = 1;
+  return static_cast<unsigned int>(blocks);
+}
+
+}  // namespace cleave::kernels::cuda
+
+// ---- Data-dependent argument errors (norm/rope/activation/embedding ops) ----------------------
+
+namespace cleave::kernels::cuda {
+
+// The smallest offending index a kernel found (an out-of-range token id or position), or none:
+// errors only the device data reveals. Stream-ordered allocation per call (the default memory
+// pool makes it cheap); all ones means "none", kernels lower it with atomicMin. Read()
+// synchronises the stream, so ops using this are blocking.
+class FirstBadIndex {
+ public:
+  static constexpr unsigned long long kNone = ~0ull;
+
+  explicit FirstBadIndex(cudaStream_t stream) : stream_(stream) {}
+  FirstBadIndex(const FirstBadIndex&) = delete;
+  FirstBadIndex& operator=(const FirstBadIndex&) = delete;
+  ~FirstBadIndex() {
+    if (slot_ != nullptr) (void)cudaFreeAsync(slot_, stream_);  // error paths only
+  }
+
+  [[nodiscard]] absl::Status Init() {
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&slot_), sizeof(*slot_), stream_));
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(slot_, 0xff, sizeof(*slot_), stream_));
+    return absl::OkStatus();
+  }
+  unsigned long long* slot() const { return slot_; }
+
+  // Waits for the stream; -1 when no kernel reported an index.
+  [[nodiscard]] absl::Status Read(int64_t* index) {
+    unsigned long long host = kNone;
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&host, slot_, sizeof(host), cudaMemcpyDeviceToHost, stream_));
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaFreeAsync(slot_, stream_));
+    slot_ = nullptr;
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    *index = host == kNone ? -1 : static_cast<int64_t>(host);
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaStream_t stream_;
+  unsigned long long* slot_ = nullptr;
+};
+
+// One i32 element of a device array, for an error message (synchronises the stream).
+[[nodiscard]] inline absl::Status ReadI32(const int32_t* device_ptr, cudaStream_t stream, int32_t* value) {
+  CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(value, device_ptr, sizeof(*value), cudaMemcpyDeviceToHost, stream));
+  CLEAVE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return absl::OkStatus();
+}
+
+// 16-byte alignment, for float4 paths.
+inline bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace cleave::kernels::cuda
