@@ -268,6 +268,38 @@ def test_dense_group_keeps_serving_without_one_ffn_worker(tmp_path, pb):  # noqa
         cluster.stop()
 
 
+def test_afd_with_a_cluster_secret(tmp_path, pb):  # noqa: F811
+    """With kv_secret_file the activation connections authenticate as the KV transport's do: the
+    group serves with the offline output, and a peer without the secret gets no HELLO_ACK from an
+    FFN worker (which keeps serving)."""
+    import re
+    import socket
+    import struct
+    (tmp_path / "kv.secret").write_bytes(os.urandom(48))
+    model = FAMILIES["mixtral"]
+    cluster = Cluster(tmp_path, afd_workers(2), model=model, top="kv_secret_file: kv.secret\n")
+    try:
+        prompts = PROMPTS[:8]
+        want = [offline_generate(*pm, model=model)["token_ids"] for pm in prompts]
+        assert grpc_generate_all(cluster, pb, prompts) == want
+        address = re.search(r"FFN of AFD group g0 on ([0-9.]+):(\d+)", cluster.log_text())
+        assert address, cluster.logs()
+        with socket.create_connection((address.group(1), int(address.group(2))), timeout=5) as raw:
+            # A well-formed HELLO (hidden 64, 2 layers), but no authentication first.
+            raw.sendall(struct.pack("<IHHIII", 0x48464143, 1, 0, 64, 2, 8192) + bytes(12))
+            received = b""
+            while True:
+                chunk = raw.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            assert struct.pack("<I", 0x4B464143) not in received  # no "CAFK" HELLO_ACK
+        assert grpc_generate_all(cluster, pb, prompts) == want
+        cluster.wait_idle()
+    finally:
+        assert cluster.stop() == 0, cluster.logs()
+
+
 def test_attention_role_needs_a_group(tmp_path):
     out = subprocess.run([CLEAVE, "worker", "--role", "attention", "--model", MODEL, "--scheduler",
                           "127.0.0.1:1", "--http", "off"], capture_output=True, text=True, timeout=60)
