@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# tests/gpu/run.sh OUT_DIR — the GPU check, for a machine with an NVIDIA GPU and the CUDA toolkit.
+# tests/gpu/run.sh [--prebuilt DIR] OUT_DIR — the GPU check, for a machine with an NVIDIA GPU and
+# the CUDA toolkit. With --prebuilt, the binaries and libraries that tests/gpu/pack.sh gathered in
+# DIR are run instead of building here (for a GPU image without this project's Debian libraries).
 #
 # Builds the CUDA backend and the GPU test and benchmark binaries (Release, sm_90; only the targets
 # needed, so a fresh build fits the budget), then:
@@ -12,11 +14,20 @@
 # printed last and written to OUT_DIR/summary.md. Exit status: 0 when every step passed.
 # Designed to finish well inside 8 minutes on a 16-core host (most of it the first build).
 set -uo pipefail
-OUT=${1:?usage: tests/gpu/run.sh OUT_DIR}
+PREBUILT=""
+if [ "${1:-}" = "--prebuilt" ]; then
+  PREBUILT=$(cd "${2:?usage: tests/gpu/run.sh [--prebuilt DIR] OUT_DIR}" && pwd)
+  shift 2
+fi
+OUT=${1:?usage: tests/gpu/run.sh [--prebuilt DIR] OUT_DIR}
 cd "$(dirname "$0")/../.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUILD_DIR=${BUILD_DIR:-build-gpu}
+if [ -n "$PREBUILT" ]; then
+  BUILD_DIR=$PREBUILT
+  export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 JOBS=${JOBS:-$(nproc)}
 
 declare -a SUMMARY
@@ -42,9 +53,11 @@ step() {  # step NAME COMMAND...: runs COMMAND with its output in OUT/NAME.log, 
   nvcc --version 2>/dev/null | tail -n 1 || /usr/local/cuda/bin/nvcc --version | tail -n 1
 } | tee "$OUT/environment.txt"
 
-step configure cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCLEAVE_CUDA=ON -DCLEAVE_BUILD_BENCH=OFF
-step build cmake --build "$BUILD_DIR" --parallel "$JOBS" --target cuda_ops_test cuda_ops_bench norm_test rope_test \
-  activation_test embedding_test gemm_test
+if [ -z "$PREBUILT" ]; then
+  step configure cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCLEAVE_CUDA=ON -DCLEAVE_BUILD_BENCH=OFF
+  step build cmake --build "$BUILD_DIR" --parallel "$JOBS" --target cuda_ops_test cuda_ops_bench norm_test rope_test \
+    activation_test embedding_test gemm_test
+fi
 if [ -x "$BUILD_DIR/bin/cuda_ops_test" ]; then
   step cuda_ops_test "$BUILD_DIR/bin/cuda_ops_test" --gtest_output="json:$OUT/cuda_ops_test.json"
   for t in norm_test rope_test activation_test embedding_test gemm_test; do
