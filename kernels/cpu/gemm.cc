@@ -189,36 +189,8 @@ void LinearWidened(const LinearParams& p) {
 
 absl::Status CheckLinearArgs(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
                              Stream* stream) {
-  constexpr const char* kOp = "Linear";
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "x", x, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "x", x));
-  const int64_t m = x.dim(0), k = x.dim(1);
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckOnCpu(kOp, "w", w));
-  if (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16 && w.dtype() != DType::kF16) {
-    return cpu::ArgError(kOp, "w", w, "must be f32, bf16 or f16");
-  }
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "w", w, w.dtype(), {cpu::kAnyDim, k}));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckContiguous(kOp, "w", w));
-  const int64_t n = w.dim(0);
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "y", y, DType::kF32, {m, n}));
-  CLEAVE_RETURN_IF_ERROR(cpu::CheckUnitInnerStride(kOp, "y", y));
-  if (bias != nullptr) {
-    CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "bias", *bias, DType::kF32, {n}));
-  }
-  // BLAS takes int sizes and leading dimensions.
-  constexpr int64_t kIntMax = 0x7fffffff;
-  if (m > kIntMax || n > kIntMax || k > kIntMax || (m > 1 && x.stride(0) > kIntMax) ||
-      (m > 1 && y.stride(0) > kIntMax)) {
-    return absl::InvalidArgumentError(absl::StrCat("Linear: x ", x.DebugString(), " / y ",
-                                                   y.DebugString(), " exceed BLAS's int range"));
-  }
-  if (m > 1 && (x.stride(0) < k || y.stride(0) < n)) {
-    return absl::InvalidArgumentError(absl::StrCat("Linear: rows of x ", x.DebugString(), " or y ",
-                                                   y.DebugString(),
-                                                   " overlap (row stride too small)"));
-  }
-  return absl::OkStatus();
+  CLEAVE_RETURN_IF_ERROR(cpu::CheckStream("Linear", stream));
+  return checks::CheckLinearTensors(x, w, bias, y, Device::Cpu());
 }
 
 }  // namespace

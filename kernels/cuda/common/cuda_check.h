@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cleave/kernels/backend.h"
+#include "cleave/kernels/internal/arg_checks.h"
 #include "cleave/kernels/tensor.h"
 
 namespace cleave::kernels::cuda {
@@ -94,16 +95,14 @@ class ScopedDevice {
   int previous_ = -1;
 };
 
-// ---- Argument checks (kernels/cpu/check.h, on a CUDA device) ----------------------------------
+// ---- Argument checks (internal/arg_checks.h, with CUDA device rules) --------------------------
 
-// Wildcard for CheckTensor's shape: any extent is accepted in that position.
-inline constexpr int64_t kAnyDim = -1;
-
-inline absl::Status ArgError(const char* op, const char* name, const Tensor& t,
-                             const std::string& problem) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(op, ": ", name, " ", t.DebugString(), " ", problem));
-}
+using checks::ArgError;
+using checks::CheckContiguous;
+using checks::CheckOnDevice;
+using checks::CheckTensor;
+using checks::CheckUnitInnerStride;
+using checks::kAnyDim;
 
 // The op's device (the output tensor's) must be a CUDA device.
 inline absl::Status CheckCudaDevice(const char* op, const char* name, const Tensor& t) {
@@ -120,54 +119,6 @@ inline absl::Status CheckStream(const char* op, const Stream* stream, Device dev
     return absl::InvalidArgumentError(absl::StrCat(op, ": stream on ", stream->device().ToString(),
                                                    " passed with tensors on ", device.ToString()));
   }
-  return absl::OkStatus();
-}
-
-inline absl::Status CheckOnDevice(const char* op, const char* name, const Tensor& t, Device device) {
-  if (!(t.device() == device)) {
-    return ArgError(op, name, t,
-                    absl::StrCat("is on ", t.device().ToString(), ", expected ", device.ToString()));
-  }
-  return absl::OkStatus();
-}
-
-// Device, dtype, rank and shape in one call. `shape` entries may be kAnyDim.
-inline absl::Status CheckTensor(const char* op, const char* name, const Tensor& t, Device device,
-                                DType dtype, std::initializer_list<int64_t> shape) {
-  if (absl::Status s = CheckOnDevice(op, name, t, device); !s.ok()) return s;
-  if (t.dtype() != dtype) {
-    return ArgError(op, name, t, absl::StrCat("must be ", std::string(DTypeName(dtype))));
-  }
-  bool shape_ok = t.ndim() == static_cast<int>(shape.size());
-  int i = 0;
-  for (int64_t want : shape) {
-    if (!shape_ok) break;
-    shape_ok = want == kAnyDim || t.dim(i) == want;
-    ++i;
-  }
-  if (!shape_ok) {
-    std::string want;
-    for (int64_t d : shape)
-      absl::StrAppend(&want, want.empty() ? "" : ", ", d == kAnyDim ? "*" : absl::StrCat(d));
-    return ArgError(op, name, t, absl::StrCat("must have shape [", want, "]"));
-  }
-  for (int d = 0; d < t.ndim(); ++d) {
-    if (t.dim(d) < 0) return ArgError(op, name, t, "has a negative extent");
-  }
-  if (t.data() == nullptr && t.numel() > 0) return ArgError(op, name, t, "has no data");
-  return absl::OkStatus();
-}
-
-// Only the innermost dim must be packed; rows may be strided.
-inline absl::Status CheckUnitInnerStride(const char* op, const char* name, const Tensor& t) {
-  if (t.ndim() > 0 && t.dim(-1) > 1 && t.stride(-1) != 1) {
-    return ArgError(op, name, t, "must have unit stride in its last dim");
-  }
-  return absl::OkStatus();
-}
-
-inline absl::Status CheckContiguous(const char* op, const char* name, const Tensor& t) {
-  if (!t.is_contiguous()) return ArgError(op, name, t, "must be contiguous");
   return absl::OkStatus();
 }
 

@@ -257,40 +257,12 @@ absl::Status EnsureScratch(Workspace* ws, size_t bytes, cudaStream_t stream) {
 
 // ---- Linear -------------------------------------------------------------------------------------
 
-// kernels/cpu/gemm.cc's CheckLinearArgs, with "on the CPU" replaced by "on y's CUDA device".
+// The CPU's checks (internal/arg_checks.h) on y's CUDA device, and the stream of that device.
 absl::Status CheckLinearArgs(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
                              Stream* stream) {
   CLEAVE_RETURN_IF_ERROR(CheckCudaDevice(kOp, "y", y));
-  const Device dev = y.device();
-  CLEAVE_RETURN_IF_ERROR(CheckStream(kOp, stream, dev));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(kOp, "x", x, dev, DType::kF32, {kAnyDim, kAnyDim}));
-  CLEAVE_RETURN_IF_ERROR(CheckUnitInnerStride(kOp, "x", x));
-  const int64_t m = x.dim(0), k = x.dim(1);
-  CLEAVE_RETURN_IF_ERROR(CheckOnDevice(kOp, "w", w, dev));
-  if (w.dtype() != DType::kF32 && w.dtype() != DType::kBF16 && w.dtype() != DType::kF16) {
-    return ArgError(kOp, "w", w, "must be f32, bf16 or f16");
-  }
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(kOp, "w", w, dev, w.dtype(), {kAnyDim, k}));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(kOp, "w", w));
-  const int64_t n = w.dim(0);
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(kOp, "y", y, dev, DType::kF32, {m, n}));
-  CLEAVE_RETURN_IF_ERROR(CheckUnitInnerStride(kOp, "y", y));
-  if (bias != nullptr) {
-    CLEAVE_RETURN_IF_ERROR(CheckTensor(kOp, "bias", *bias, dev, DType::kF32, {n}));
-  }
-  // cublasGemmEx takes int sizes and leading dimensions.
-  constexpr int64_t kIntMax = 0x7fffffff;
-  if (m > kIntMax || n > kIntMax || k > kIntMax || (m > 1 && x.stride(0) > kIntMax) ||
-      (m > 1 && y.stride(0) > kIntMax)) {
-    return absl::InvalidArgumentError(absl::StrCat("Linear: x ", x.DebugString(), " / y ",
-                                                   y.DebugString(), " exceed BLAS's int range"));
-  }
-  if (m > 1 && (x.stride(0) < k || y.stride(0) < n)) {
-    return absl::InvalidArgumentError(absl::StrCat("Linear: rows of x ", x.DebugString(), " or y ",
-                                                   y.DebugString(),
-                                                   " overlap (row stride too small)"));
-  }
-  return absl::OkStatus();
+  CLEAVE_RETURN_IF_ERROR(CheckStream(kOp, stream, y.device()));
+  return checks::CheckLinearTensors(x, w, bias, y, y.device());
 }
 
 struct GemmArgs {
