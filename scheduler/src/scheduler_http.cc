@@ -6,27 +6,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "cleave/common/status.h"
+#include "cleave/v1/worker_role.h"
 #include "nlohmann/json.hpp"
 
 namespace cleave::scheduler {
 namespace {
-
-std::string RoleLabel(v1::WorkerRole role) {
-  switch (role) {
-    case v1::WORKER_ROLE_PREFILL:
-      return "prefill";
-    case v1::WORKER_ROLE_DECODE:
-      return "decode";
-    case v1::WORKER_ROLE_COLOCATED:
-      return "colocated";
-    case v1::WORKER_ROLE_ATTENTION:
-      return "attention";
-    case v1::WORKER_ROLE_FFN:
-      return "ffn";
-    default:
-      return "other";
-  }
-}
 
 // One per-worker gauge or counter: its name, help, type and how to read it from WorkerStats.
 struct WorkerSeries {
@@ -100,7 +84,7 @@ absl::Status SchedulerHttp::RegisterGauges() {
                                     v1::WORKER_ROLE_ATTENTION, v1::WORKER_ROLE_FFN}) {
           double n = 0;
           for (const v1::WorkerStats& w : s.workers()) n += w.role() == role ? 1 : 0;
-          out.push_back({{RoleLabel(role)}, n});
+          out.push_back({{v1::WorkerRoleName(role)}, n});
         }
         return out;
       }));
@@ -112,7 +96,7 @@ absl::Status SchedulerHttp::RegisterGauges() {
           const v1::StatsResponse s = Snapshot();
           std::vector<metrics::Sample> out;
           out.reserve(s.workers_size());
-          for (const v1::WorkerStats& w : s.workers()) out.push_back({{w.name(), RoleLabel(w.role())}, read(w)});
+          for (const v1::WorkerStats& w : s.workers()) out.push_back({{w.name(), v1::WorkerRoleName(w.role())}, read(w)});
           return out;
         }));
   }
@@ -150,7 +134,7 @@ absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const a
     for (const v1::WorkerStats& w : s.workers()) {
       if (w.http_address().empty()) continue;
       groups.push_back({{"targets", {w.http_address()}},
-                        {"labels", {{"role", RoleLabel(w.role())}, {"worker", w.name()}}}});
+                        {"labels", {{"role", v1::WorkerRoleName(w.role())}, {"worker", w.name()}}}});
     }
     return admin::AdminResponse{200, "application/json", groups.dump()};
   };
@@ -160,7 +144,7 @@ absl::StatusOr<std::unique_ptr<admin::AdminServer>> SchedulerHttp::Serve(const a
     for (const v1::WorkerStats& w : s.workers()) {
       workers.push_back({{"id", w.worker_id()},
                          {"name", w.name()},
-                         {"role", RoleLabel(w.role())},
+                         {"role", v1::WorkerRoleName(w.role())},
                          {"running", w.num_running()},
                          {"waiting", w.num_waiting()},
                          {"kv_blocks", w.num_kv_blocks()},

@@ -34,7 +34,7 @@
 #include "cleave/common/shutdown.h"
 #include "cleave/common/tls.h"
 #include "cleave/frontend/api_keys.h"
-#include "cleave/worker/worker_metrics.h"
+#include "cleave/v1/worker_role.h"
 #include "commands.h"
 #include "config.h"
 
@@ -223,7 +223,7 @@ absl::Status RunServe(const std::string& config_path) {
             Stage::kScheduler);
   int index = 0;
   for (const WorkerGroup& g : config->workers) {
-    const std::string role = worker::RoleLabel(g.options.role);
+    const std::string role = v1::WorkerRoleName(g.options.role);
     for (int r = 0; s.ok() && r < g.replicas; ++r, ++index) {
       const std::string name = absl::StrCat(role, "-", r);
       absl::StatusOr<std::string> worker_http = ReplicaHttpAddress(g.options.http, r);

@@ -1,6 +1,7 @@
 // Worker metrics: after driving the engine synchronously with known requests, every series
 // counts exactly what ran (steps, tokens, chunks, layer samples, expert routing, KV transfers),
 // and the registry's exposition passes `promtool check metrics`.
+#include "cleave/v1/worker_role.h"
 #include "cleave/worker/worker_metrics.h"
 
 #include <sys/wait.h>
@@ -327,9 +328,11 @@ TEST_F(WorkerMetricsTest, PromtoolAcceptsAWorkerRegistry) {
 }
 
 TEST_F(WorkerMetricsTest, RoleLabels) {
-  EXPECT_STREQ(RoleLabel(v1::WORKER_ROLE_PREFILL), "prefill");
-  EXPECT_STREQ(RoleLabel(v1::WORKER_ROLE_DECODE), "decode");
-  EXPECT_STREQ(RoleLabel(v1::WORKER_ROLE_COLOCATED), "colocated");
+  EXPECT_STREQ(v1::WorkerRoleName(v1::WORKER_ROLE_PREFILL), "prefill");
+  EXPECT_STREQ(v1::WorkerRoleName(v1::WORKER_ROLE_DECODE), "decode");
+  EXPECT_STREQ(v1::WorkerRoleName(v1::WORKER_ROLE_COLOCATED), "colocated");
+  EXPECT_STREQ(v1::WorkerRoleName(v1::WORKER_ROLE_ATTENTION), "attention");
+  EXPECT_STREQ(v1::WorkerRoleName(v1::WORKER_ROLE_FFN), "ffn");
   metrics::Registry registry;
   ASSERT_NE(Metrics(registry, v1::WORKER_ROLE_DECODE, *model_, 1), nullptr);
   // One worker per registry: a second set of the same families is refused, not duplicated.

@@ -11,6 +11,7 @@
 #include "cleave/frontend/lifecycle.h"
 #include "cleave/frontend/openai_api.h"
 #include "http_internal.h"
+#include "cleave/v1/worker_role.h"
 #include "nlohmann/json.hpp"
 
 namespace cleave::frontend::http_internal {
@@ -73,17 +74,6 @@ SimpleResponse Detokenize(const FrontendContext& ctx, const std::string& body) {
   return JsonResponse(200, DumpJson({{"prompt", *text}}));
 }
 
-const char* RoleName(v1::WorkerRole role) {
-  switch (role) {
-    case v1::WORKER_ROLE_PREFILL: return "prefill";
-    case v1::WORKER_ROLE_DECODE: return "decode";
-    case v1::WORKER_ROLE_COLOCATED: return "colocated";
-    case v1::WORKER_ROLE_ATTENTION: return "attention";
-    case v1::WORKER_ROLE_FFN: return "ffn";
-    default: return "unspecified";
-  }
-}
-
 SimpleResponse DebugKv(const FrontendContext& ctx) {
   absl::StatusOr<v1::StatsResponse> stats = ctx.engine->Stats();
   if (!stats.ok()) return ErrorResponse(stats.status());
@@ -91,7 +81,7 @@ SimpleResponse DebugKv(const FrontendContext& ctx) {
   for (const v1::WorkerStats& w : stats->workers()) {
     workers.push_back({{"worker_id", w.worker_id()},
                        {"name", w.name()},
-                       {"role", RoleName(w.role())},
+                       {"role", v1::WorkerRoleName(w.role())},
                        {"num_kv_blocks", w.num_kv_blocks()},
                        {"free_blocks", w.free_blocks()},
                        {"cached_blocks", w.cached_blocks()},

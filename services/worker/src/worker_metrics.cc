@@ -1,12 +1,13 @@
 #include "cleave/worker/worker_metrics.h"
 
-#include "cleave/worker/afd.h"
 
 #include <algorithm>
 #include <string>
 #include <utility>
 
 #include "cleave/common/status.h"
+#include "cleave/v1/worker_role.h"
+#include "cleave/worker/afd.h"
 
 namespace cleave::worker {
 namespace {
@@ -33,25 +34,10 @@ absl::StatusOr<std::vector<double>> CountBuckets() { return metrics::Exponential
 
 }  // namespace
 
-const char* RoleLabel(v1::WorkerRole role) {
-  switch (role) {
-    case v1::WORKER_ROLE_PREFILL:
-      return "prefill";
-    case v1::WORKER_ROLE_DECODE:
-      return "decode";
-    case v1::WORKER_ROLE_ATTENTION:
-      return "attention";
-    case v1::WORKER_ROLE_FFN:
-      return "ffn";
-    default:
-      return "colocated";
-  }
-}
-
 absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Create(
     metrics::Registry& r, const WorkerMetricsOptions& o, const model::ModelConfig& config) {
   std::unique_ptr<WorkerMetrics> m(new WorkerMetrics());
-  m->role_ = RoleLabel(o.role);
+  m->role_ = v1::WorkerRoleName(o.role);
   const std::string& role = m->role_;
   CLEAVE_ASSIGN_OR_RETURN(std::vector<double> step_buckets, StepBuckets());
   CLEAVE_ASSIGN_OR_RETURN(std::vector<double> layer_buckets, LayerBuckets());

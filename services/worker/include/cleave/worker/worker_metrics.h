@@ -118,7 +118,4 @@ class WorkerMetrics {
   metrics::Counter* afd_bytes_received_ = nullptr;
 };
 
-// "prefill", "decode" or "colocated" (the role label's value).
-const char* RoleLabel(v1::WorkerRole role);
-
 }  // namespace cleave::worker
