@@ -113,8 +113,11 @@ class Cluster:
         request's record and returns it alone."""
         deadline = time.time() + timeout
         while True:
+            # Complete lines only: a line being written while the log is read ends without its
+            # newline (and its JSON cut short); it is read whole on the next pass.
             records = [json.loads(line.split("request_done ", 1)[1])
-                       for line in self.log_text().splitlines() if "request_done {" in line]
+                       for line in self.log_text().splitlines(keepends=True)
+                       if "request_done {" in line and line.endswith("\n")]
             if request_id is None:
                 return records
             mine = [r for r in records if r["request_id"] == request_id]
