@@ -15,51 +15,12 @@
 #include "cleave/kernels/gemm.h"
 #include "cleave/kernels/norm.h"
 #include "cleave/kernels/tensor.h"
+#include "gpu_bench_util.h"
 
 namespace cleave::kernels {
 namespace {
 
-#define CHECK_CUDA(call)                                                                     \
-  do {                                                                                       \
-    cudaError_t e = (call);                                                                  \
-    if (e != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e));                        \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
-
-void* DeviceAlloc(size_t bytes) {
-  void* p = nullptr;
-  CHECK_CUDA(cudaMalloc(&p, bytes));
-  CHECK_CUDA(cudaMemset(p, 0, bytes));  // zeros: finite inputs, in-range ids
-  return p;
-}
-
-// Mean seconds of one call of `fn` over `iters` (after 3 warm-up calls), by CUDA events.
-double Time(const std::function<void()>& fn, int iters = 20) {
-  for (int i = 0; i < 3; ++i) fn();
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < iters; ++i) fn();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return ms / 1e3 / iters;
-}
-
-void Must(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
-
-Tensor Dev(void* p, DType t, std::initializer_list<int64_t> shape) { return Tensor(p, t, shape, Device::Cuda(0)); }
+using namespace gpubench;  // NOLINT: the shared benchmark vocabulary
 
 int Main() {
   int devices = 0;
