@@ -3,6 +3,8 @@
 #include <cstring>
 #include <memory>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "cleave/kernels/backend.h"
 #include "cleave/kernels/cuda_backend.h"
@@ -49,6 +51,11 @@ class CpuBackendImpl final : public Backend {
     std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
+  absl::Status Zero(void* dst, size_t bytes, Stream*) override {
+    std::memset(dst, 0, bytes);
+    return absl::OkStatus();
+  }
+  absl::Status Synchronize() override { return absl::OkStatus(); }  // CPU ops are synchronous
 };
 
 }  // namespace
@@ -56,6 +63,16 @@ class CpuBackendImpl final : public Backend {
 Backend& CpuBackend() {
   static CpuBackendImpl* backend = new CpuBackendImpl();
   return *backend;
+}
+
+absl::StatusOr<Device> ParseDevice(const std::string& text) {
+  if (text == "cpu") return Device::Cpu();
+  if (text == "cuda") return Device::Cuda(0);
+  int index = -1;
+  if (absl::StartsWith(text, "cuda:") && absl::SimpleAtoi(text.substr(5), &index) && index >= 0) {
+    return Device::Cuda(index);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("device must be cpu, cuda or cuda:N, not '", text, "'"));
 }
 
 bool CudaCompiledIn() {

@@ -1,6 +1,7 @@
 #include "cleave/model/decoder.h"
 
 #include "decoder_internal.h"
+#include "device_workspace.h"
 
 #include <algorithm>
 #include <cmath>
@@ -51,6 +52,7 @@ absl::StatusOr<std::unique_ptr<DecoderModel>> DecoderModel::FromWeights(
       new DecoderModel(std::move(config), std::move(weights), std::move(options)));
   model->owned_experts_ = std::move(owned);
   CLEAVE_RETURN_IF_ERROR(model->BindWeights());
+  CLEAVE_RETURN_IF_ERROR(model->UploadWeights());
   return model;
 }
 
@@ -181,47 +183,58 @@ absl::Status DecoderModel::BindWeights() {
   return kernels::BuildRopeTables(c.rope, rope_cos_t_, rope_sin_t_);
 }
 
-void DecoderModel::Reserve(Workspace& ws, int t) const {
+absl::Status DecoderModel::Reserve(Workspace& ws, int t) const {
   const ModelConfig& c = config_;
   const size_t d = c.hidden_size, n = t;
-  Grow(ws.residual, n * d);
-  Grow(ws.delta, n * d);
-  Grow(ws.normed, n * d);
+  auto reserve = [&](std::vector<float>& v, size_t floats) {
+    return Scratch(ws, v, 1, static_cast<int64_t>(floats)).status();
+  };
+  CLEAVE_RETURN_IF_ERROR(reserve(ws.residual, n * d));
+  CLEAVE_RETURN_IF_ERROR(reserve(ws.delta, n * d));
+  CLEAVE_RETURN_IF_ERROR(reserve(ws.normed, n * d));
   if (c.num_layers_of(MixerKind::kAttention) > 0) {
-    Grow(ws.q, n * c.q_size());
-    Grow(ws.k, n * c.kv_size());
-    Grow(ws.v, n * c.kv_size());
-    Grow(ws.attn, n * c.q_size());
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.q, n * c.q_size()));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.k, n * c.kv_size()));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.v, n * c.kv_size()));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.attn, n * c.q_size()));
   }
   if (c.has_ssm_state()) {
     const MambaConfig& m = c.mamba;
-    Grow(ws.xz, n * 2 * m.d_inner);
-    Grow(ws.conv_out, n * m.d_inner);
-    Grow(ws.xdbc, n * (m.dt_rank + 2 * m.d_state));
-    Grow(ws.dt, n * m.d_inner);
-    Grow(ws.scan_out, n * m.d_inner);
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.xz, n * 2 * m.d_inner));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.conv_out, n * m.d_inner));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.xdbc, n * (m.dt_rank + 2 * m.d_state)));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.dt, n * m.d_inner));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.scan_out, n * m.d_inner));
   }
   // The widest dense SwiGLU any layer runs: the dense MLP or Qwen2-MoE's shared expert.
   const bool dense = std::find(c.layer_ffn.begin(), c.layer_ffn.end(), FfnKind::kDense) != c.layer_ffn.end();
   const size_t f = std::max(dense ? c.intermediate_size : 0, c.moe.shared_expert_intermediate_size);
-  Grow(ws.gate_up, n * 2 * f);
-  Grow(ws.act, n * f);
+  CLEAVE_RETURN_IF_ERROR(reserve(ws.gate_up, n * 2 * f));
+  CLEAVE_RETURN_IF_ERROR(reserve(ws.act, n * f));
   if (c.moe.num_experts > 0) {
-    Grow(ws.router_logits, n * c.moe.num_experts);
-    Grow(ws.moe_out, n * d);
-    Grow(ws.shared_gate, n);
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.router_logits, n * c.moe.num_experts));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.moe_out, n * d));
+    CLEAVE_RETURN_IF_ERROR(reserve(ws.shared_gate, n));
   }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<HiddenState> DecoderModel::Embed(const ForwardBatch& batch, Workspace& ws) const {
   const int t = batch.num_tokens();
   CLEAVE_CHECK_ARG(t > 0, "forward batch has no tokens");
   CLEAVE_CHECK_ARG(binds_mixers(), "this model instance holds only FFN weights (an FFN worker's)");
-  Reserve(ws, t);
-  HiddenState h{F32(ws.residual, t, config_.hidden_size), F32(ws.delta, t, config_.hidden_size)};
-  CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(I32(batch.token_ids), embed_, h.residual));
+  CLEAVE_RETURN_IF_ERROR(Reserve(ws, t));
+  if (backend_ != nullptr) CLEAVE_RETURN_IF_ERROR(ws.device->Upload(batch));
+  HiddenState h;
+  CLEAVE_ASSIGN_OR_RETURN(h.residual, Scratch(ws, ws.residual, t, config_.hidden_size));
+  CLEAVE_ASSIGN_OR_RETURN(h.delta, Scratch(ws, ws.delta, t, config_.hidden_size));
+  CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(Plan(batch, ws).token_ids, embed_, h.residual));
   // Layer 0's AddRmsNorm folds a zero delta into the residual: one code path for every layer.
-  std::memset(h.delta.data(), 0, h.delta.nbytes());
+  if (backend_ != nullptr) {
+    CLEAVE_RETURN_IF_ERROR(backend_->Zero(h.delta.data(), h.delta.nbytes(), nullptr));
+  } else {
+    std::memset(h.delta.data(), 0, h.delta.nbytes());
+  }
   return h;
 }
 
@@ -231,7 +244,7 @@ absl::Status DecoderModel::RunMixer(int layer, const ForwardBatch& batch, KvCach
   CLEAVE_CHECK_ARG(layer >= 0 && layer < c.num_hidden_layers, "layer out of range");
   const Layer& L = layers_[layer];
   const int64_t t = batch.num_tokens();
-  Tensor normed = F32(ws.normed, t, c.hidden_size);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor normed, Scratch(ws, ws.normed, t, c.hidden_size));
   CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(h.delta, h.residual, L.input_norm, c.rms_norm_eps, normed));
   return L.mixer == MixerKind::kAttention ? RunAttention(L, layer, batch, cache, ws, normed, h)
                                           : RunMamba(L, layer, batch, cache, ws, normed, h);
@@ -244,7 +257,10 @@ absl::Status DecoderModel::RunAttention(const Layer& layer_weights, int layer,
   const AttentionWeights& W = layer_weights.attn;
   const int64_t t = batch.num_tokens();
   CLEAVE_CHECK_ARG(cache.is_attention(layer), "KV cache has no K/V for this attention layer");
-  Tensor q = F32(ws.q, t, c.q_size()), k = F32(ws.k, t, c.kv_size()), v = F32(ws.v, t, c.kv_size());
+  CLEAVE_ASSIGN_OR_RETURN(Tensor q, Scratch(ws, ws.q, t, c.q_size()));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor k, Scratch(ws, ws.k, t, c.kv_size()));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor v, Scratch(ws, ws.v, t, c.kv_size()));
+  const internal::BatchTensors plan = Plan(batch, ws);
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, W.wq, W.bq.empty() ? nullptr : &W.bq, q));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, W.wk, W.bk.empty() ? nullptr : &W.bk, k));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, W.wv, W.bv.empty() ? nullptr : &W.bv, v));
@@ -253,26 +269,25 @@ absl::Status DecoderModel::RunAttention(const Layer& layer_weights, int layer,
   Tensor k3 = k.Reshape({t, c.num_key_value_heads, c.head_dim});
   Tensor v3 = v.Reshape({t, c.num_key_value_heads, c.head_dim});
   if (c.use_rope) {
-    CLEAVE_RETURN_IF_ERROR(kernels::ApplyRope(I32(batch.positions), rope_cos_t_, rope_sin_t_,
+    CLEAVE_RETURN_IF_ERROR(kernels::ApplyRope(plan.positions, rope_cos_t_, rope_sin_t_,
                                               kernels::RopeStyle::kHalves, q3, k3));
   }
   Tensor k_cache = cache.k(layer), v_cache = cache.v(layer);
-  CLEAVE_RETURN_IF_ERROR(kernels::WriteKvCache(k3, v3, I32(batch.slot_mapping), k_cache, v_cache));
+  CLEAVE_RETURN_IF_ERROR(kernels::WriteKvCache(k3, v3, plan.slot_mapping, k_cache, v_cache));
 
   kernels::PagedAttentionArgs args;
   args.q = q3;
   args.k_cache = k_cache;
   args.v_cache = v_cache;
-  args.query_start_loc = I32(batch.query_start_loc);
-  args.seq_lens = I32(batch.seq_lens);
-  args.block_tables = Tensor(const_cast<int32_t*>(batch.block_tables.data()), DType::kI32,
-                             {batch.num_seqs(), batch.max_blocks_per_seq});
+  args.query_start_loc = plan.query_start_loc;
+  args.seq_lens = plan.seq_lens;
+  args.block_tables = plan.block_tables;
   args.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   args.sliding_window = c.sliding_window;
-  args.out = Tensor(ws.attn.data(), DType::kF32, {t, c.num_attention_heads, c.head_dim});
+  CLEAVE_ASSIGN_OR_RETURN(Tensor attn, Scratch(ws, ws.attn, t, c.q_size()));
+  args.out = attn.Reshape({t, c.num_attention_heads, c.head_dim});
   CLEAVE_RETURN_IF_ERROR(batch.is_decode() ? kernels::PagedAttentionDecode(args)
                                            : kernels::PagedAttentionPrefill(args));
-  Tensor attn = F32(ws.attn, t, c.q_size());
   return kernels::Linear(attn, W.wo, nullptr, h.delta);
 }
 
@@ -293,11 +308,11 @@ absl::Status DecoderModel::RunDense(const DenseFfnWeights& w, int64_t f, Workspa
                                     const Tensor& normed, Tensor& out) const {
   const int64_t t = normed.dim(0);
   // gate and up write the two halves of one [T, 2F] buffer, the layout SwiGlu reads.
-  Tensor gate_up = F32(ws.gate_up, t, 2 * f);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor gate_up, Scratch(ws, ws.gate_up, t, 2 * f));
   Tensor gate = gate_up.Narrow(1, 0, f), up = gate_up.Narrow(1, f, f);
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, w.w_gate, nullptr, gate));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, w.w_up, nullptr, up));
-  Tensor act = F32(ws.act, t, f);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor act, Scratch(ws, ws.act, t, f));
   CLEAVE_RETURN_IF_ERROR(kernels::SwiGlu(gate_up, act));
   return kernels::Linear(act, w.w_down, nullptr, out);
 }
@@ -309,20 +324,32 @@ absl::Status DecoderModel::ComputeLogits(const ForwardBatch& batch, Workspace& w
   logits.resize(n * config_.vocab_size);
   if (n == 0) return absl::OkStatus();
   // Only the rows that are sampled go through the final norm and the LM head.
-  Grow(ws.final_residual, n * d);
-  Grow(ws.final_delta, n * d);
-  Grow(ws.final_normed, n * d);
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t row = batch.logits_indices[i];
-    CLEAVE_CHECK_ARG(row >= 0 && row < h.residual.dim(0), "logits index out of range");
-    std::memcpy(&ws.final_residual[i * d], h.residual.data_as<float>() + row * d, d * sizeof(float));
-    std::memcpy(&ws.final_delta[i * d], h.delta.data_as<float>() + row * d, d * sizeof(float));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor res, Scratch(ws, ws.final_residual, n, d));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor delta, Scratch(ws, ws.final_delta, n, d));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor normed, Scratch(ws, ws.final_normed, n, d));
+  if (backend_ != nullptr) {
+    // A row gather is an embedding lookup with the hidden rows as the table; its id check is the
+    // logits index check.
+    const internal::BatchTensors plan = Plan(batch, ws);
+    CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.residual, res));
+    CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.delta, delta));
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t row = batch.logits_indices[i];
+      CLEAVE_CHECK_ARG(row >= 0 && row < h.residual.dim(0), "logits index out of range");
+      std::memcpy(res.data_as<float>() + i * d, h.residual.data_as<float>() + row * d, d * sizeof(float));
+      std::memcpy(delta.data_as<float>() + i * d, h.delta.data_as<float>() + row * d, d * sizeof(float));
+    }
   }
-  Tensor res = F32(ws.final_residual, n, d), delta = F32(ws.final_delta, n, d);
-  Tensor normed = F32(ws.final_normed, n, d);
   CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(delta, res, final_norm_, config_.rms_norm_eps, normed));
-  Tensor out(logits.data(), DType::kF32, {n, config_.vocab_size});
-  return kernels::Linear(normed, lm_head_, nullptr, out);
+  if (backend_ == nullptr) {
+    Tensor out(logits.data(), DType::kF32, {n, config_.vocab_size});
+    return kernels::Linear(normed, lm_head_, nullptr, out);
+  }
+  // On a device the logits come back to the host for sampling (the copy waits for the pass).
+  CLEAVE_ASSIGN_OR_RETURN(Tensor out, ws.device->F32(&logits, n, config_.vocab_size));
+  CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, lm_head_, nullptr, out));
+  return backend_->CopyToHost(out.data(), logits.data(), out.nbytes(), nullptr);
 }
 
 absl::Status DecoderModel::Forward(const ForwardBatch& batch, KvCache& cache, Workspace& ws,

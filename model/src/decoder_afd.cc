@@ -25,8 +25,7 @@ absl::StatusOr<Tensor> DecoderModel::FfnInput(int layer, Workspace& ws, HiddenSt
   CLEAVE_CHECK_ARG(L.ffn != FfnKind::kNone, "FfnInput on a layer without an FFN");
   CLEAVE_CHECK_ARG(binds_mixers(), "this model instance holds no FFN norms");
   const int64_t t = h.residual.dim(0);
-  Grow(ws.normed, t * c.hidden_size);
-  Tensor normed = F32(ws.normed, t, c.hidden_size);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor normed, Scratch(ws, ws.normed, t, c.hidden_size));
   CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(h.delta, h.residual, L.post_norm, c.rms_norm_eps, normed));
   return normed;
 }

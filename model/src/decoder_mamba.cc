@@ -14,11 +14,10 @@
 #include "cleave/kernels/ssm.h"
 #include "cleave/model/decoder.h"
 #include "decoder_internal.h"
+#include "device_workspace.h"
 
 namespace cleave::model {
 
-using internal::F32;
-using internal::I32;
 using kernels::DType;
 using kernels::Tensor;
 
@@ -61,12 +60,13 @@ absl::Status DecoderModel::RunMamba(const Layer& layer_weights, int layer, const
                        batch.has_initial_state.size() == batch.state_slots.size(),
                    "forward batch has no state slots for a Mamba layer");
 
-  Tensor xz = F32(ws.xz, t, 2 * di);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor xz, Scratch(ws, ws.xz, t, 2 * di));
+  const internal::BatchTensors plan = Plan(batch, ws);
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, W.in_proj, W.in_proj_bias.empty() ? nullptr : &W.in_proj_bias, xz));
   kernels::SsmSequences seqs;
-  seqs.query_start_loc = I32(batch.query_start_loc);
-  seqs.state_slots = I32(batch.state_slots);
-  seqs.has_initial_state = I32(batch.has_initial_state);
+  seqs.query_start_loc = plan.query_start_loc;
+  seqs.state_slots = plan.state_slots;
+  seqs.has_initial_state = plan.has_initial_state;
 
   kernels::CausalConv1dArgs conv;
   conv.x = xz.Narrow(1, 0, di);
@@ -75,10 +75,10 @@ absl::Status DecoderModel::RunMamba(const Layer& layer_weights, int layer, const
   conv.seqs = seqs;
   conv.conv_state = cache.conv_state(layer);
   conv.silu = true;
-  conv.out = F32(ws.conv_out, t, di);
+  CLEAVE_ASSIGN_OR_RETURN(conv.out, Scratch(ws, ws.conv_out, t, di));
   CLEAVE_RETURN_IF_ERROR(kernels::CausalConv1d(conv));
 
-  Tensor xdbc = F32(ws.xdbc, t, r + 2 * n);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor xdbc, Scratch(ws, ws.xdbc, t, r + 2 * n));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(conv.out, W.x_proj, nullptr, xdbc));
   Tensor dt_in = xdbc.Narrow(1, 0, r), b = xdbc.Narrow(1, r, n), cm = xdbc.Narrow(1, r + n, n);
   if (m.bcdt_norms) {  // Jamba normalises each piece in place (RmsNorm allows out == x)
@@ -86,7 +86,7 @@ absl::Status DecoderModel::RunMamba(const Layer& layer_weights, int layer, const
     CLEAVE_RETURN_IF_ERROR(kernels::RmsNorm(b, W.b_norm, c.rms_norm_eps, b));
     CLEAVE_RETURN_IF_ERROR(kernels::RmsNorm(cm, W.c_norm, c.rms_norm_eps, cm));
   }
-  Tensor dt = F32(ws.dt, t, di);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor dt, Scratch(ws, ws.dt, t, di));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(dt_in, W.dt_proj, nullptr, dt));
 
   kernels::SelectiveScanArgs scan;
@@ -101,7 +101,7 @@ absl::Status DecoderModel::RunMamba(const Layer& layer_weights, int layer, const
   scan.z = xz.Narrow(1, di, di);
   scan.seqs = seqs;
   scan.ssm_state = cache.ssm_state(layer);
-  scan.out = F32(ws.scan_out, t, di);
+  CLEAVE_ASSIGN_OR_RETURN(scan.out, Scratch(ws, ws.scan_out, t, di));
   CLEAVE_RETURN_IF_ERROR(kernels::SelectiveScan(scan));
   return kernels::Linear(scan.out, W.out_proj, W.out_proj_bias.empty() ? nullptr : &W.out_proj_bias,
                          h.delta);

@@ -9,7 +9,6 @@
 
 namespace cleave::model {
 
-using internal::F32;
 using kernels::Tensor;
 
 // Expert names: Mixtral block_sparse_moe.{gate, experts.E.w1 (gate) / w3 (up) / w2 (down)};
@@ -58,8 +57,7 @@ absl::Status DecoderModel::RouteMoe(int layer, const Tensor& normed, Workspace& 
   const MoeConfig& moe = config_.moe;
   const MoeWeights& W = L.moe;
   const int64_t t = normed.dim(0);
-  internal::Grow(ws.router_logits, t * moe.num_experts);
-  Tensor logits = F32(ws.router_logits, t, moe.num_experts);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor logits, Scratch(ws, ws.router_logits, t, moe.num_experts));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, W.router, nullptr, logits));
   CLEAVE_RETURN_IF_ERROR(kernels::MoeRoute(logits, moe.top_k, moe.renormalize, ws.routing));
 
@@ -69,8 +67,7 @@ absl::Status DecoderModel::RouteMoe(int layer, const Tensor& normed, Workspace& 
   for (int x = 0; x < moe.num_experts; ++x) counts[x] += ws.routing.tokens_for_expert(x);
 
   if (W.shared_gate.empty()) return absl::OkStatus();
-  internal::Grow(ws.shared_gate, t);
-  Tensor gate = F32(ws.shared_gate, t, 1);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor gate, Scratch(ws, ws.shared_gate, t, 1));
   return kernels::Linear(normed, W.shared_gate, nullptr, gate);
 }
 
@@ -82,9 +79,9 @@ absl::Status DecoderModel::RunMoe(const Layer& layer_weights, int layer, Workspa
   CLEAVE_RETURN_IF_ERROR(kernels::MoeExperts(normed, ws.routing, W.experts, ws.moe, h.delta));
   if (W.shared_gate.empty()) return absl::OkStatus();
   // Qwen2-MoE: out += sigmoid(x · shared_expert_gate) * shared_expert(x).
-  Tensor shared = F32(ws.moe_out, t, d);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor shared, Scratch(ws, ws.moe_out, t, d));
   CLEAVE_RETURN_IF_ERROR(RunDense(W.shared, config_.moe.shared_expert_intermediate_size, ws, normed, shared));
-  Tensor gate = F32(ws.shared_gate, t, 1);
+  CLEAVE_ASSIGN_OR_RETURN(Tensor gate, Scratch(ws, ws.shared_gate, t, 1));
   return kernels::SigmoidGatedAdd(gate, shared, h.delta);
 }
 

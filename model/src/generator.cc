@@ -37,9 +37,11 @@ absl::StatusOr<std::unique_ptr<Generator>> Generator::Create(const DecoderModel&
   const int max_context = options.max_context > 0 ? std::min(options.max_context, model_max) : model_max;
   // One request at a time: exactly enough blocks for a full context.
   const int blocks = CeilDiv(max_context, options.kv_block_size);
-  // One state slot (slot 0) for the one request, when the model has Mamba layers.
+  // One state slot (slot 0) for the one request, when the model has Mamba layers. The cache
+  // lives where the model runs.
+  CLEAVE_ASSIGN_OR_RETURN(kernels::Backend* backend, kernels::GetBackend(model.device()));
   CLEAVE_ASSIGN_OR_RETURN(auto cache, KvCache::Create(model.config(), blocks, options.kv_block_size,
-                                                      kernels::CpuBackend(), /*num_state_slots=*/1));
+                                                      *backend, /*num_state_slots=*/1));
   return std::unique_ptr<Generator>(new Generator(model, options, max_context, std::move(cache)));
 }
 

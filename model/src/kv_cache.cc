@@ -37,7 +37,7 @@ absl::StatusOr<Tensor> Pool(kernels::Backend& backend, std::initializer_list<int
   size_t bytes = sizeof(float);
   for (int64_t d : shape) bytes *= static_cast<size_t>(d);
   CLEAVE_ASSIGN_OR_RETURN(auto buf, backend.Allocate(std::max<size_t>(bytes, 1)));
-  if (backend.device().is_cpu()) std::memset(buf->data(), 0, bytes);
+  CLEAVE_RETURN_IF_ERROR(backend.Zero(buf->data(), bytes, nullptr));
   Tensor t(buf->data(), DType::kF32, shape, backend.device());
   buffers.push_back(std::move(buf));
   return t;
@@ -59,6 +59,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& conf
   cache->num_blocks_ = num_blocks;
   cache->block_size_ = block_size;
   cache->num_state_slots_ = has_state ? num_state_slots : 0;
+  cache->device_ = backend.device();
   const int64_t hk = config.num_key_value_heads, dh = config.head_dim;
   const MambaConfig& m = config.mamba;
   const int n = config.num_hidden_layers;

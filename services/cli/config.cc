@@ -80,7 +80,8 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root, const std::string& bas
                                                    "max_batch_tokens", "max_running", "threads", "kv_listen_host", "http",
                                                    "drain_grace_s", "kv_advertise_host", "afd_group",
                                                    "micro_batches", "ffn_call_timeout_ms", "ffn_experts",
-                                                   "ffn_shared_expert", "ffn_listen_host", "ffn_port"});
+                                                   "ffn_shared_expert", "ffn_listen_host", "ffn_port", "device",
+                                                   "weight_dtype", "kv_transport"});
           !st.ok()) {
         return st;
       }
@@ -108,6 +109,9 @@ absl::StatusOr<ServeConfig> Parse(const YAML::Node& root, const std::string& bas
       Read(w, "ffn_shared_expert", g.options.ffn_shared_expert);
       Read(w, "ffn_listen_host", g.options.ffn_listen_host);
       Read(w, "ffn_port", g.options.ffn_port);
+      Read(w, "device", g.options.device);
+      Read(w, "weight_dtype", g.options.weight_dtype);
+      Read(w, "kv_transport", g.options.kv_transport);
       const bool afd = g.options.role == v1::WORKER_ROLE_ATTENTION || g.options.role == v1::WORKER_ROLE_FFN;
       if (afd && g.options.afd_group.empty()) {
         return absl::InvalidArgumentError(absl::StrCat("workers[].afd_group is required for the ", role, " role"));

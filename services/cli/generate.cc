@@ -8,6 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "absl/strings/str_format.h"
+#include "cleave/common/status.h"
+#include "cleave/kernels/backend.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/model/generator.h"
 #include "cleave/model/decoder.h"
@@ -33,6 +35,8 @@ struct GenerateArgs {
   bool ignore_eos = false;
   int prefill_chunk = 512;
   bool json = false;  // one JSON line with token ids instead of streamed text
+  std::string device = "cpu";
+  std::string weight_dtype = "bf16";
 };
 
 absl::Status RunGenerate(const GenerateArgs& a) {
@@ -41,7 +45,13 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   if (!std::filesystem::is_directory(a.model_dir, ec)) {
     return absl::NotFoundError(absl::StrCat("model directory ", a.model_dir, " does not exist"));
   }
-  auto model_or = model::DecoderModel::Load(a.model_dir);
+  model::LoadOptions load;
+  CLEAVE_ASSIGN_OR_RETURN(load.device, kernels::ParseDevice(a.device));
+  CLEAVE_CHECK_ARG(a.weight_dtype == "bf16" || a.weight_dtype == "as_stored",
+                   absl::StrCat("--weight-dtype must be bf16 or as_stored, not '", a.weight_dtype, "'"));
+  load.device_weights = a.weight_dtype == "bf16" ? model::LoadOptions::DeviceWeights::kBF16
+                                                 : model::LoadOptions::DeviceWeights::kAsStored;
+  auto model_or = model::DecoderModel::Load(a.model_dir, load);
   if (!model_or.ok()) {
     return absl::Status(model_or.status().code(),
                         absl::StrCat("cannot load model from ", a.model_dir, ": ", model_or.status().message()));
@@ -142,6 +152,9 @@ void RegisterGenerate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "generate text offline in one process");
   cmd->add_option("--model", args->model_dir, "Hugging Face-style model directory")->required();
   cmd->add_option("--prompt", args->prompt, "prompt text (empty: start from BOS)");
+  cmd->add_option("--device", args->device, "where the model runs: cpu (default), cuda or cuda:N");
+  cmd->add_option("--weight-dtype", args->weight_dtype,
+                  "on a GPU: weight matrices as bf16 (default, converted at load) or as_stored");
   cmd->add_option("--max-tokens", args->max_tokens, "tokens to generate")->check(CLI::PositiveNumber);
   cmd->add_option("--temperature", args->temperature, "0 = greedy");
   cmd->add_option("--top-p", args->top_p, "nucleus sampling mass");

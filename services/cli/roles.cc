@@ -94,6 +94,7 @@ void RegisterWorker(CLI::App& app) {
     std::string afd_group, ffn_host, ffn_experts;
     int micro_batches = -1, ffn_call_timeout_ms = -1, ffn_shard = -1, ffn_shards = -1, ffn_port = -1;
     bool ffn_shared_expert = false;
+    std::string device, weight_dtype, kv_transport;
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand("worker", "Run one worker (prefill, decode, colocated, attention or ffn)");
@@ -133,6 +134,12 @@ void RegisterWorker(CLI::App& app) {
   cmd->add_flag("--ffn-shared-expert", args->ffn_shared_expert, "ffn role, with --ffn-experts: own the shared expert");
   cmd->add_option("--ffn-host", args->ffn_host, "ffn role: address the activation listener binds (default 127.0.0.1)");
   cmd->add_option("--ffn-port", args->ffn_port, "ffn role: activation listener port (default: any free port)");
+  cmd->add_option("--device", args->device,
+                  "where the model runs: cpu (default), cuda or cuda:N (prefill, decode, colocated roles)");
+  cmd->add_option("--weight-dtype", args->weight_dtype,
+                  "on a GPU: the weight matrices' type, bf16 (default, converted at load) or as_stored");
+  cmd->add_option("--kv-transport", args->kv_transport,
+                  "decode role: how KV arrives, tcp (default), nccl or cuda-ipc (GPU caches)");
   AddTlsFlags(cmd, args->tls);
   cmd->callback([args] {
     ShutdownLatch& shutdown = ShutdownLatch::InstallSignalHandlers();
@@ -190,6 +197,9 @@ void RegisterWorker(CLI::App& app) {
     if (args->ffn_shared_expert) o.ffn_shared_expert = true;
     if (!args->ffn_host.empty()) o.ffn_listen_host = args->ffn_host;
     if (args->ffn_port >= 0) o.ffn_port = args->ffn_port;
+    if (!args->device.empty()) o.device = args->device;
+    if (!args->weight_dtype.empty()) o.weight_dtype = args->weight_dtype;
+    if (!args->kv_transport.empty()) o.kv_transport = args->kv_transport;
     const std::string secret_file =
         args->kv_secret_file.empty() ? c->kv_secret_file : ResolvePath(args->kv_secret_file);
     if (!secret_file.empty()) {

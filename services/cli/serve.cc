@@ -239,7 +239,9 @@ absl::Status RunServe(const std::string& config_path) {
                                std::to_string(g.options.max_batch_tokens), "--max-running",
                                std::to_string(g.options.max_running), "--threads",
                                std::to_string(g.options.threads), "--kv-host", g.options.kv_listen_host,
-                               "--http", *worker_http, "--drain-grace-s", std::to_string(g.options.drain_grace_s)});
+                               "--http", *worker_http, "--drain-grace-s", std::to_string(g.options.drain_grace_s),
+                               "--device", g.options.device, "--weight-dtype", g.options.weight_dtype,
+                               "--kv-transport", g.options.kv_transport});
       if (!g.options.kv_advertise_host.empty()) {
         argv.insert(argv.end(), {"--kv-advertise-host", g.options.kv_advertise_host});
       }

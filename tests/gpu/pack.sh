@@ -11,22 +11,25 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD_DIR=${1:-build-gpu}
 DEST=${2:-.gpu-carry}
-BINS=(cuda_ops_test cuda_ops_bench norm_test rope_test activation_test embedding_test gemm_test)
-if [ ! -x "$BUILD_DIR/bin/cuda_ops_test" ]; then
-  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCLEAVE_CUDA=ON -DCLEAVE_BUILD_BENCH=OFF >/dev/null
-  cmake --build "$BUILD_DIR" --parallel "${JOBS:-$(nproc)}" --target "${BINS[@]}"
-fi
+# The lists of tests/gpu/run.sh.
+eval "$(sed -n '/^GPU_TESTS=(/,/^BENCHES=(.*)$/p' tests/gpu/run.sh)"
+BINS=("${GPU_TESTS[@]}" "${CPU_TESTS[@]}" "${BENCHES[@]}" cleave)
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCLEAVE_CUDA=ON -DCLEAVE_BUILD_BENCH=OFF >/dev/null
+cmake --build "$BUILD_DIR" --parallel "${JOBS:-$(nproc)}" --target "${BINS[@]}"
 rm -rf "$DEST"
 mkdir -p "$DEST/bin" "$DEST/lib"
 for b in "${BINS[@]}"; do
   cp "$BUILD_DIR/bin/$b" "$DEST/bin/"
   ldd "$BUILD_DIR/bin/$b" | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in
-      libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|ld-linux*|libcuda.so.*|libcudart.so.*|libcublas*.so.*) ;;
+      libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|ld-linux*|libcuda.so.*|libcudart.so.*|libcublas*.so.*|libnccl.so.*) ;;
       *) cp -Ln "$lib" "$DEST/lib/" ;;
     esac
   done
 done
-# The tests read golden data by relative path from the repository root, which travels anyway.
+# The tests read golden data by relative path from the repository root, which travels anyway; the
+# converted model (models/stories260K, git-ignored) must be carried next to .gpu-carry.
+# libnccl (218 MB) is not copied either: the transport loads it at run time (dlopen) and the NCCL
+# path reports Unavailable where the image lacks it; CUDA IPC needs only the CUDA runtime.
 du -sh "$DEST"
 grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >>.git/info/exclude

@@ -88,6 +88,16 @@ class CudaBackendImpl final : public Backend {
     CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, Native(stream)));
     return absl::OkStatus();
   }
+  absl::Status Zero(void* dst, size_t bytes, Stream* stream) override {
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev_));
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dst, 0, bytes, Native(stream)));
+    return absl::OkStatus();
+  }
+  absl::Status Synchronize() override {
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaSetDevice(dev_));
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+    return absl::OkStatus();
+  }
 
  private:
   int dev_;

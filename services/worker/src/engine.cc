@@ -329,6 +329,12 @@ absl::Status Engine::ShipState(int layer, const std::vector<Seq*>& seqs,
 
 absl::Status Engine::ShipLayer(int layer, const std::vector<Seq*>& seqs,
                                const std::vector<std::pair<int, int>>& spans) {
+  if (!cache_.device().is_cpu()) {
+    // The layer's KV was written by kernels still queued on the GPU; the transport reads it on
+    // its own stream or from another process, which nothing else orders after them.
+    CLEAVE_ASSIGN_OR_RETURN(kernels::Backend* backend, kernels::GetBackend(cache_.device()));
+    CLEAVE_RETURN_IF_ERROR(backend->Synchronize());
+  }
   if (cache_.is_mamba(layer)) return ShipState(layer, seqs, spans);
   transport::KvGeometry geometry;
   geometry.block_size = cache_.block_size();

@@ -17,6 +17,7 @@
 #include "cleave/common/metrics.h"
 #include "cleave/common/status.h"
 #include "cleave/common/tls.h"
+#include "cleave/kernels/backend.h"
 #include "cleave/kernels/gemm.h"
 #include "cleave/v1/control.grpc.pb.h"
 #include "cleave/worker/afd.h"
@@ -358,6 +359,27 @@ absl::StatusOr<v1::WorkerRole> ParseWorkerRole(const std::string& role) {
       absl::StrCat("unknown worker role '", role, "' (prefill, decode, colocated, attention or ffn)"));
 }
 
+// The model's device and weight type, checked against the role and the KV transport.
+absl::StatusOr<kernels::Device> WorkerDevice(const WorkerProcessOptions& o, model::LoadOptions& load) {
+  CLEAVE_ASSIGN_OR_RETURN(const kernels::Device device, kernels::ParseDevice(o.device));
+  CLEAVE_CHECK_ARG(o.weight_dtype == "bf16" || o.weight_dtype == "as_stored",
+                   absl::StrCat("weight_dtype must be bf16 or as_stored, not '", o.weight_dtype, "'"));
+  CLEAVE_CHECK_ARG(o.kv_transport == "tcp" || o.kv_transport == "nccl" || o.kv_transport == "cuda-ipc",
+                   absl::StrCat("kv_transport must be tcp, nccl or cuda-ipc, not '", o.kv_transport, "'"));
+  if (!device.is_cpu()) {
+    CLEAVE_CHECK_ARG(o.role != v1::WORKER_ROLE_ATTENTION && o.role != v1::WORKER_ROLE_FFN,
+                     "the attention and ffn roles run on the CPU for now (device: cpu)");
+    // TCP moves KV through host memory; a decode worker's cache on a GPU is written by a GPU
+    // transport.
+    CLEAVE_CHECK_ARG(o.role != v1::WORKER_ROLE_DECODE || o.kv_transport != "tcp",
+                     "a decode worker on a GPU receives KV with kv_transport nccl or cuda-ipc, not tcp");
+  }
+  load.device = device;
+  load.device_weights = o.weight_dtype == "bf16" ? model::LoadOptions::DeviceWeights::kBF16
+                                                 : model::LoadOptions::DeviceWeights::kAsStored;
+  return device;
+}
+
 absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   CLEAVE_ASSIGN_OR_RETURN(const std::optional<admin::AdminServerOptions> http, admin::ParseAdminAddress(o.http, "worker http"));
   CLEAVE_CHECK_ARG(o.drain_grace_s >= 0, "drain_grace_s must be >= 0");
@@ -380,6 +402,8 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
     load.experts = plan.experts;
     load.shared_expert = plan.shared_expert;
   }
+  CLEAVE_ASSIGN_OR_RETURN(const kernels::Device device, WorkerDevice(o, load));
+  CLEAVE_ASSIGN_OR_RETURN(kernels::Backend* const backend, kernels::GetBackend(device));
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::DecoderModel> model, model::DecoderModel::Load(o.model_dir, load));
   model::ModelConfig config = model->config();
   CLEAVE_CHECK_ARG(o.block_size > 0, "block_size must be positive");
@@ -391,7 +415,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   // (A Mamba model's cache insists on a state slot; the FFN worker's single one is never used.)
   const int num_slots = ffn ? (config.has_ssm_state() ? 1 : 0) : StateSlots(o, config);
   CLEAVE_ASSIGN_OR_RETURN(std::unique_ptr<model::KvCache> cache,
-                          model::KvCache::Create(config, num_blocks, o.block_size, kernels::CpuBackend(),
+                          model::KvCache::Create(config, num_blocks, o.block_size, *backend,
                                                  num_slots));
   const std::string name = o.name.empty() ? absl::StrCat(v1::WorkerRole_Name(o.role), "@", o.scheduler) : o.name;
   const std::string model_id = o.model_dir.filename().string();
@@ -435,7 +459,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
       link.Write(m);
     };
     callbacks.metrics = worker_metrics->received();
-    CLEAVE_ASSIGN_OR_RETURN(receiver, transport::CreateKvReceiver("tcp", topts, store, callbacks));
+    CLEAVE_ASSIGN_OR_RETURN(receiver, transport::CreateKvReceiver(o.kv_transport, topts, store, callbacks));
   }
 
   std::unique_ptr<FfnService> ffn_service;

@@ -51,6 +51,11 @@ class Backend {
   // Copies between this backend's memory and host memory (either direction, or within device).
   virtual absl::Status CopyToHost(const void* src, void* dst_host, size_t bytes, Stream* stream) = 0;
   virtual absl::Status CopyFromHost(const void* src_host, void* dst, size_t bytes, Stream* stream) = 0;
+  // Sets `bytes` bytes of this backend's memory at `dst` to zero (ordered on `stream`).
+  virtual absl::Status Zero(void* dst, size_t bytes, Stream* stream) = 0;
+  // Waits for every piece of work this process queued on the device, on any stream (before
+  // another process or another stream's reader may touch memory those kernels wrote).
+  virtual absl::Status Synchronize() = 0;
 };
 
 // The process-wide CPU backend (never null).
@@ -58,6 +63,9 @@ Backend& CpuBackend();
 // The backend for `device`: the CPU backend, or the CUDA backend when it was compiled in and the
 // device exists; NotFound/Unavailable otherwise.
 absl::StatusOr<Backend*> GetBackend(Device device);
+// "cpu", "cuda" (device 0) or "cuda:N", as users write it in configs and flags; InvalidArgument
+// otherwise. Says nothing about whether the device exists (GetBackend does).
+absl::StatusOr<Device> ParseDevice(const std::string& text);
 // True when this binary contains the CUDA backend (it may still see no device at run time).
 bool CudaCompiledIn();
 

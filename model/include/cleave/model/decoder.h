@@ -31,6 +31,11 @@
 
 namespace cleave::model {
 
+namespace internal {
+class DeviceWorkspace;
+struct BatchTensors;
+}  // namespace internal
+
 // Scratch for one forward pass, grown on demand and reused across steps so a steady decode loop
 // does not allocate. One per executing thread.
 struct Workspace {
@@ -47,6 +52,9 @@ struct Workspace {
   // it ([num_layers][num_experts]; empty rows for layers without MoE). For metrics and expert
   // placement; RunFfn adds to it.
   std::vector<std::vector<int64_t>> expert_tokens;
+  // A model on a CUDA device keeps the scratch above (and the pass's uploaded plan) in device
+  // memory here instead; created on the workspace's first pass. Null on the CPU.
+  std::shared_ptr<internal::DeviceWorkspace> device;
 };
 
 // Which weights a process binds (they are views of the mapped files: what is not bound is never
@@ -59,6 +67,16 @@ struct LoadOptions {
   // kFfn: the routed experts this worker owns (any order); the shared expert if `shared_expert`.
   std::vector<int> experts;
   bool shared_expert = false;
+  // Where the weights live and the pass runs: the CPU (views of the mapped files, nothing
+  // copied), or a CUDA device (every weight copied there at load; the KvCache passed to Forward
+  // must be on the same device). Only Part::kAll runs on a device for now.
+  kernels::Device device = kernels::Device::Cpu();
+  // On a device: the storage type of the weight matrices (projections, experts, embeddings, LM
+  // head). kBF16 converts f32/f16 checkpoints at load (half the bytes per decode step, the
+  // tensor-core GEMM path); kAsStored keeps the checkpoint's type. Norms, biases, the router, the
+  // conv kernels, A and D stay f32 either way. Ignored on the CPU.
+  enum class DeviceWeights { kBF16, kAsStored };
+  DeviceWeights device_weights = DeviceWeights::kBF16;
 };
 
 // The residual stream of the T tokens of one pass, f32 [T, hidden] each.
@@ -79,6 +97,9 @@ class DecoderModel {
                                                                  LoadOptions options = {});
 
   const ModelConfig& config() const { return config_; }
+  kernels::Device device() const { return options_.device; }
+  // Bytes of weights this instance holds on its device (0 on the CPU, where they stay mapped).
+  size_t device_weight_bytes() const { return device_weight_bytes_; }
 
   // Whole pass: logits f32 [logits_indices.size(), vocab] written to `logits`. Thread-compatible:
   // concurrent calls need their own Workspace and must not write the same cache blocks.
@@ -176,7 +197,16 @@ class DecoderModel {
   bool binds_ffn() const { return options_.part != LoadOptions::Part::kAttention; }
   absl::Status BindWeights();
   absl::StatusOr<kernels::Tensor> VectorF32(const std::string& name, int64_t n);
-  void Reserve(Workspace& ws, int tokens) const;
+  absl::Status Reserve(Workspace& ws, int tokens) const;
+  // An f32 [rows, cols] view of the scratch `host` names (a field of `ws`): the vector itself on
+  // the CPU, grown when short; its device buffer on a device (device_workspace.h).
+  absl::StatusOr<kernels::Tensor> Scratch(Workspace& ws, std::vector<float>& host, int64_t rows,
+                                          int64_t cols) const;
+  // The pass's plan as kernel inputs: views of `batch` on the CPU, the copy Embed uploaded on a
+  // device.
+  internal::BatchTensors Plan(const ForwardBatch& batch, const Workspace& ws) const;
+  // Copies every bound weight to options_.device (decoder_device.cc).
+  absl::Status UploadWeights();
 
   ModelConfig config_;
   LoadOptions options_;
@@ -187,6 +217,10 @@ class DecoderModel {
   kernels::Tensor embed_, final_norm_, lm_head_;
   std::vector<float> rope_cos_, rope_sin_;
   kernels::Tensor rope_cos_t_, rope_sin_t_;
+  // A model on a device: its backend and the device copies of the weights.
+  kernels::Backend* backend_ = nullptr;
+  std::vector<std::unique_ptr<kernels::Buffer>> device_buffers_;
+  size_t device_weight_bytes_ = 0;
 };
 
 }  // namespace cleave::model

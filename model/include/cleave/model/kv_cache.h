@@ -40,6 +40,8 @@ class KvCache {
   int num_blocks() const { return num_blocks_; }
   int block_size() const { return block_size_; }
   int num_state_slots() const { return num_state_slots_; }
+  // Where the pools live (the backend's device given to Create).
+  kernels::Device device() const { return device_; }
   size_t bytes() const;
 
  private:
@@ -47,6 +49,7 @@ class KvCache {
   int num_blocks_ = 0;
   int block_size_ = 0;
   int num_state_slots_ = 0;
+  kernels::Device device_ = kernels::Device::Cpu();
   std::vector<std::unique_ptr<kernels::Buffer>> buffers_;
   std::vector<kernels::Tensor> k_, v_, conv_, ssm_;
 };

@@ -37,6 +37,13 @@ struct WorkerProcessOptions {
   int max_batch_tokens = 512;
   int max_running = 256;
   int threads = 0;                  // kernel threads; 0 = hardware concurrency
+  // Where the model runs: "cpu", or "cuda" / "cuda:N" (weights, KV cache and every kernel on that
+  // GPU). weight_dtype: the device's weight matrices, "bf16" (converted at load) or "as_stored".
+  // kv_transport: how a decode worker receives KV, "tcp" (host memory), "nccl" or "cuda-ipc"
+  // (device memory; one of these is required when prefill and decode run on GPUs).
+  std::string device = "cpu";
+  std::string weight_dtype = "bf16";
+  std::string kv_transport = "tcp";
   std::string kv_listen_host = "127.0.0.1";
   int kv_port = 0;                  // 0 = any free port (decode / colocated roles)
   // HOST:PORT of the worker's HTTP port (/metrics, /health, /ready); port 0 = any free port (the
