@@ -439,6 +439,7 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
   topts.sent_metrics = worker_metrics->sent();
   topts.secret = o.kv_secret;
   topts.advertise_host = o.kv_advertise_host;
+  topts.cuda_device = device.is_cpu() ? -1 : device.index;
   std::unique_ptr<transport::KvSender> sender;
   if (o.role == v1::WORKER_ROLE_PREFILL) sender = transport::CreateKvSender(topts);
   std::unique_ptr<transport::KvReceiver> receiver;
@@ -497,8 +498,9 @@ absl::Status RunWorker(const WorkerProcessOptions& o, ShutdownLatch& shutdown) {
 
   auto channel = grpc::CreateChannel(o.scheduler, SchedulerCredentials(tls_pem));
   auto stub = v1::Scheduler::NewStub(channel);
-  CLEAVE_LOG(Info) << "worker " << name << ": " << num_blocks << " KV blocks of " << o.block_size
-                   << " tokens"
+  CLEAVE_LOG(Info) << "worker " << name << " on " << device.ToString()
+                   << (device.is_cpu() ? "" : absl::StrCat(" (", model->device_weight_bytes() >> 20, " MiB of weights)"))
+                   << ": " << num_blocks << " KV blocks of " << o.block_size << " tokens"
                    << (num_slots > 0 ? absl::StrCat(", ", num_slots, " Mamba state slots") : "")
                    << (receiver ? absl::StrCat(", KV receiver on ", receiver->address()) : "")
                    << (ffn_service ? absl::StrCat(", FFN of AFD group ", o.afd_group, " on ", ffn_service->address(),

@@ -56,6 +56,8 @@ class KvCacheStore : public transport::KvBlockStore {
   const transport::KvGeometry& geometry() const override { return geometry_; }
   std::byte* BlockData(int layer, bool is_value, int block) override;
   std::byte* StateData(int layer, bool is_ssm, int slot) override;
+  // The GPU transports write straight into a device cache.
+  int cuda_device() const override { return cache_.device().is_cpu() ? -1 : cache_.device().index; }
 
  private:
   model::KvCache& cache_;
