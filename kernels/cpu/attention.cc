@@ -41,6 +41,7 @@
 #include "attention_plan.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_attention_ops.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -599,6 +600,9 @@ void RunDecodeItem(const AttentionPlan& p, const DecodeSplit& split, PartialStat
 
 absl::Status WriteKvCache(const Tensor& k, const Tensor& v, const Tensor& slot_mapping,
                           Tensor& k_cache, Tensor& v_cache, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!k_cache.device().is_cpu()) return cuda::WriteKvCache(k, v, slot_mapping, k_cache, v_cache, stream);
+#endif
   constexpr const char* kOp = "WriteKvCache";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "k", k, DType::kF32, {kAny, kAny, kAny}));
@@ -644,6 +648,9 @@ absl::Status WriteKvCache(const Tensor& k, const Tensor& v, const Tensor& slot_m
 }
 
 absl::Status PagedAttentionPrefill(const PagedAttentionArgs& args, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!args.out.device().is_cpu()) return cuda::PagedAttentionPrefill(args, stream);
+#endif
   CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p,
                           PlanAttention("PagedAttentionPrefill", args, stream, /*decode=*/false));
   const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / p.group);
@@ -654,6 +661,9 @@ absl::Status PagedAttentionPrefill(const PagedAttentionArgs& args, Stream* strea
 }
 
 absl::Status PagedAttentionDecode(const PagedAttentionArgs& args, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!args.out.device().is_cpu()) return cuda::PagedAttentionDecode(args, stream);
+#endif
   CLEAVE_ASSIGN_OR_RETURN(const AttentionPlan p,
                           PlanAttention("PagedAttentionDecode", args, stream, /*decode=*/true));
   const DecodeSplit split = SplitDecode(p);

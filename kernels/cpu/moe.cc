@@ -8,6 +8,10 @@
 // which routing makes the common case. The un-permute sums each token's k expert rows in slot
 // order with a fixed operation sequence, so with Linear in batch-invariant mode a token's output
 // row is bitwise independent of what else is in the batch.
+//
+// The permutation builder and the routing check live in internal/moe_permutation.h, shared with
+// the CUDA backend (kernels/cuda/moe/), to which every entry point here forwards when its output
+// (for MoeRoute: the router logits) is on a CUDA device.
 #include "cleave/kernels/moe.h"
 
 #include <algorithm>
@@ -23,15 +27,16 @@
 #include "check.h"
 #include "cleave/common/status.h"
 #include "cleave/kernels/activation.h"
+#include "cleave/kernels/cuda_moe_ops.h"
 #include "cleave/kernels/gemm.h"
+#include "cleave/kernels/internal/moe_permutation.h"
 #include "parallel.h"
 #include "simd.h"
 
 namespace cleave::kernels {
 namespace {
 
-// Expert ids, slots and permuted rows are int32 in MoeRouting.
-constexpr int64_t kInt32Max = 0x7fffffff;
+using moe_internal::kInt32Max;
 // Elements of work per ParallelFor chunk below which the pool hand-off costs more than it saves.
 constexpr int64_t kMinWorkPerChunk = 16384;
 
@@ -85,22 +90,6 @@ void RouteToken(const float* logits, int num_experts, int top_k, bool renormaliz
   }
 }
 
-// Counting sort of the slots by expert. Slots are visited in increasing order (token-major), so
-// each expert's rows come out in increasing token order.
-void BuildPermutation(MoeRouting& routing) {
-  const int num_experts = routing.num_experts;
-  const size_t slots = routing.topk_ids.size();
-  std::vector<int32_t>& offsets = routing.expert_offsets;
-  offsets.assign(static_cast<size_t>(num_experts) + 1, 0);
-  for (int32_t id : routing.topk_ids) ++offsets[static_cast<size_t>(id) + 1];
-  for (int e = 0; e < num_experts; ++e) offsets[e + 1] += offsets[e];
-  std::vector<int32_t> cursor(offsets.begin(), offsets.end() - 1);
-  routing.permuted_slots.resize(slots);
-  for (size_t s = 0; s < slots; ++s) {
-    routing.permuted_slots[cursor[routing.topk_ids[s]]++] = static_cast<int32_t>(s);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // MoeExperts argument checks
 
@@ -151,55 +140,6 @@ bool Overlap(const Tensor& a, const Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
-// Checks that `routing` describes T tokens over E experts consistently (every expert id in range,
-// offsets a partition of the T*k rows, permuted_slots a permutation of the slots with each row in
-// its expert's range) and fills slot_rows with the inverse permutation: slot s is permuted row
-// slot_rows[s]. A routing that MoeRoute did not fill is therefore caught here, not by a read out
-// of bounds.
-absl::Status CheckRoutingAndInvert(const char* op, const MoeRouting& routing, int64_t t,
-                                   int num_experts, std::vector<int32_t>& slot_rows) {
-  const auto error = [op](auto&&... parts) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": routing ", parts...));
-  };
-  if (routing.num_tokens != t) return error("is for ", routing.num_tokens, " tokens, x has ", t);
-  if (routing.num_experts != num_experts) {
-    return error("is over ", routing.num_experts, " experts, weights hold ", num_experts);
-  }
-  const int k = routing.top_k;
-  if (k < 1 || k > num_experts) return error("top_k ", k, " is not in [1, ", num_experts, "]");
-  if (t * k > kInt32Max) return error("has ", t * k, " slots, more than int32 indexes");
-  const size_t slots = static_cast<size_t>(t * k);
-  if (routing.topk_ids.size() != slots || routing.topk_weights.size() != slots ||
-      routing.permuted_slots.size() != slots ||
-      routing.expert_offsets.size() != static_cast<size_t>(num_experts) + 1) {
-    return error("buffers have the wrong sizes (topk_ids ", routing.topk_ids.size(),
-                 ", topk_weights ", routing.topk_weights.size(), ", permuted_slots ",
-                 routing.permuted_slots.size(), ", expert_offsets ", routing.expert_offsets.size(),
-                 "; expected ", slots, ", ", slots, ", ", slots, ", ", num_experts + 1, ")");
-  }
-  const std::vector<int32_t>& offsets = routing.expert_offsets;
-  if (offsets[0] != 0 || static_cast<size_t>(offsets[num_experts]) != slots) {
-    return error("expert_offsets must run from 0 to ", slots);
-  }
-  slot_rows.assign(slots, -1);
-  for (int e = 0; e < num_experts; ++e) {
-    if (offsets[e + 1] < offsets[e]) return error("expert_offsets decrease at expert ", e);
-    for (int32_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-      const int32_t s = routing.permuted_slots[r];
-      if (s < 0 || static_cast<size_t>(s) >= slots) {
-        return error("permuted_slots[", r, "] = ", s, " is not a slot");
-      }
-      if (routing.topk_ids[s] != e) {
-        return error("row ", r, " is in expert ", e, "'s range but slot ", s, " chose expert ",
-                     routing.topk_ids[s]);
-      }
-      if (slot_rows[s] != -1) return error("slot ", s, " appears twice in permuted_slots");
-      slot_rows[s] = r;
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CheckExpertsArgs(const char* op, const Tensor& x, const MoeRouting& routing,
                               const MoeExpertWeights& weights, MoeWorkspace& ws, const Tensor& out,
                               Stream* stream, int64_t& f) {
@@ -212,7 +152,7 @@ absl::Status CheckExpertsArgs(const char* op, const Tensor& x, const MoeRouting&
   if (t > 1 && out.stride(0) < d) return cpu::ArgError(op, "out", out, "has overlapping rows");
   if (Overlap(x, out)) return cpu::ArgError(op, "out", out, "must not alias x");
   CLEAVE_RETURN_IF_ERROR(CheckExpertWeights(op, weights, d, f));
-  return CheckRoutingAndInvert(op, routing, t, weights.num_experts(), ws.slot_rows);
+  return moe_internal::CheckMoeRoutingAndInvert(op, routing, t, weights.num_experts(), ws.slot_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +250,12 @@ void Unpermute(const MoeRouting& routing, const MoeWorkspace& ws, int64_t d, Ten
 
 absl::Status MoeRoute(const Tensor& router_logits, int top_k, bool renormalize, MoeRouting& routing,
                       Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  // No output tensor: the logits' device decides.
+  if (!router_logits.device().is_cpu()) {
+    return cuda::MoeRoute(router_logits, top_k, renormalize, routing, stream);
+  }
+#endif
   constexpr const char* kOp = "MoeRoute";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "router_logits", router_logits, DType::kF32,
@@ -346,12 +292,16 @@ absl::Status MoeRoute(const Tensor& router_logits, int top_k, bool renormalize, 
                  routing.topk_weights.data() + i * top_k);
     }
   });
-  BuildPermutation(routing);
+  moe_internal::BuildMoePermutation(routing);
+  routing.device.reset();  // the host fields changed; no device mirror of them
   return absl::OkStatus();
 }
 
 absl::Status MoeExperts(const Tensor& x, const MoeRouting& routing, const MoeExpertWeights& weights,
                         MoeWorkspace& ws, Tensor& out, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::MoeExperts(x, routing, weights, ws, out, stream);
+#endif
   constexpr const char* kOp = "MoeExperts";
   int64_t f = 0;
   CLEAVE_RETURN_IF_ERROR(CheckExpertsArgs(kOp, x, routing, weights, ws, out, stream, f));
@@ -372,6 +322,9 @@ absl::Status MoeExperts(const Tensor& x, const MoeRouting& routing, const MoeExp
 
 absl::Status MoeCombine(const Tensor& slot_out, const MoeRouting& routing, Tensor& out,
                         Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::MoeCombine(slot_out, routing, out, stream);
+#endif
   constexpr const char* kOp = "MoeCombine";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "out", out, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));
@@ -394,6 +347,9 @@ absl::Status MoeCombine(const Tensor& slot_out, const MoeRouting& routing, Tenso
 
 absl::Status SigmoidGatedAdd(const Tensor& gate_logit, const Tensor& y, Tensor& out,
                              Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!out.device().is_cpu()) return cuda::SigmoidGatedAdd(gate_logit, y, out, stream);
+#endif
   constexpr const char* kOp = "SigmoidGatedAdd";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(cpu::CheckTensor(kOp, "y", y, DType::kF32, {cpu::kAnyDim, cpu::kAnyDim}));

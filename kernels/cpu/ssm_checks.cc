@@ -18,49 +18,10 @@ absl::Status OpError(const char* op, const std::string& problem) {
   return absl::InvalidArgumentError(absl::StrCat(op, ": ", problem));
 }
 
-absl::Status CheckIndex(const char* op, const char* name, const Tensor& t, int64_t n) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(op, name, t, DType::kI32, {n}));
-  return CheckContiguous(op, name, t);
-}
-
-// [first, last) bytes spanned by t's elements; empty for a tensor without elements.
-struct ByteSpan {
-  uintptr_t first = 0, last = 0;
-};
-
-ByteSpan SpanOf(const Tensor& t) {
-  if (t.empty() || t.numel() == 0) return {};
-  int64_t extent = 1;
-  for (int i = 0; i < t.ndim(); ++i) extent += (t.dim(i) - 1) * t.stride(i);
-  const uintptr_t first = reinterpret_cast<uintptr_t>(t.data());
-  return {first, first + static_cast<uintptr_t>(extent) * DTypeSize(t.dtype())};
-}
-
-// A tensor the kernel writes must not share memory with anything else it touches.
-absl::Status CheckNoOverlap(const char* op, const char* name, const Tensor& written,
-                            const NamedTensors& others) {
-  const ByteSpan w = SpanOf(written);
-  if (w.first == w.last) return absl::OkStatus();
-  for (const auto& [other_name, other] : others) {
-    const ByteSpan o = SpanOf(*other);
-    if (o.first < w.last && w.first < o.last) {
-      return ArgError(op, name, written,
-                      absl::StrCat("overlaps ", other_name, " ", other->DebugString()));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// The sequences' part of CheckOutputsAndReadSequences.
+// The sequences' values (host memory): the rest of CheckOutputsAndReadSequences.
 absl::StatusOr<std::vector<SeqWork>> ReadSequences(const char* op, const SsmSequences& s,
-                                                   int64_t num_tokens, int64_t num_slots) {
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "query_start_loc", s.query_start_loc, kAny));
-  if (s.query_start_loc.dim(0) < 1) {
-    return ArgError(op, "query_start_loc", s.query_start_loc, "must have shape [B + 1]");
-  }
-  const int64_t b = s.query_start_loc.dim(0) - 1;
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "state_slots", s.state_slots, b));
-  CLEAVE_RETURN_IF_ERROR(CheckIndex(op, "has_initial_state", s.has_initial_state, b));
+                                                   int64_t b, int64_t num_tokens,
+                                                   int64_t num_slots) {
   const int32_t* qsl = s.query_start_loc.data_as<const int32_t>();
   const int32_t* slots = s.state_slots.data_as<const int32_t>();
   const int32_t* init = s.has_initial_state.data_as<const int32_t>();
@@ -97,28 +58,20 @@ absl::StatusOr<std::vector<SeqWork>> ReadSequences(const char* op, const SsmSequ
 
 absl::Status CheckRows(const char* op, const char* name, const Tensor& t, int64_t rows,
                        int64_t cols) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(op, name, t, DType::kF32, {rows, cols}));
-  return CheckUnitInnerStride(op, name, t);
+  return CheckRowsOn(op, name, t, Device::Cpu(), rows, cols);
 }
 
 absl::Status CheckOptionalVector(const char* op, const char* name, const Tensor& t, int64_t c) {
-  if (t.empty()) return absl::OkStatus();
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(op, name, t, DType::kF32, {c}));
-  return CheckUnitInnerStride(op, name, t);
+  return CheckOptionalVectorOn(op, name, t, Device::Cpu(), c);
 }
 
 absl::StatusOr<std::vector<SeqWork>> CheckOutputsAndReadSequences(
     const char* op, const char* state_name, const Tensor& state, int64_t width, const Tensor& out,
     int64_t num_tokens, int64_t channels, const NamedTensors& inputs, const SsmSequences& seqs) {
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(op, state_name, state, DType::kF32, {kAny, channels, width}));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(op, state_name, state));
-  CLEAVE_RETURN_IF_ERROR(CheckTensor(op, "out", out, DType::kF32, {num_tokens, channels}));
-  CLEAVE_RETURN_IF_ERROR(CheckContiguous(op, "out", out));
-  CLEAVE_RETURN_IF_ERROR(CheckNoOverlap(op, state_name, state, inputs));
-  NamedTensors all_but_out = inputs;
-  all_but_out.push_back({state_name, &state});
-  CLEAVE_RETURN_IF_ERROR(CheckNoOverlap(op, "out", out, all_but_out));
-  return ReadSequences(op, seqs, num_tokens, state.dim(0));
+  CLEAVE_ASSIGN_OR_RETURN(const int64_t b,
+                          CheckOutputsAndIndexShapes(op, state_name, state, width, out, num_tokens,
+                                                     channels, inputs, seqs, Device::Cpu()));
+  return ReadSequences(op, seqs, b, num_tokens, state.dim(0));
 }
 
 }  // namespace cleave::kernels::cpu::ssm

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ssm_ops.h"
 #include "cleave/kernels/ssm.h"
 #include "simd.h"
 #include "ssm_checks.h"
@@ -242,6 +243,9 @@ constexpr ItemShape kConvItems = {kConvBlock, kConvChunk, 4 * 1024};
 }  // namespace
 
 absl::Status CausalConv1d(CausalConv1dArgs& a, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!a.out.device().is_cpu()) return cuda::CausalConv1d(a, stream);
+#endif
   constexpr const char* kOp = "CausalConv1d";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(CheckRows(kOp, "x", a.x, kAny, kAny));

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "check.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/cuda_ssm_ops.h"
 #include "cleave/kernels/ssm.h"
 #include "simd.h"
 #include "ssm_checks.h"
@@ -312,6 +313,9 @@ constexpr ItemShape kScanItems = {kScanBlock, 0, 512};
 }  // namespace
 
 absl::Status SelectiveScan(SelectiveScanArgs& a, Stream* stream) {
+#if CLEAVE_WITH_CUDA
+  if (!a.out.device().is_cpu()) return cuda::SelectiveScan(a, stream);
+#endif
   constexpr const char* kOp = "SelectiveScan";
   CLEAVE_RETURN_IF_ERROR(cpu::CheckStream(kOp, stream));
   CLEAVE_RETURN_IF_ERROR(CheckRows(kOp, "x", a.x, kAny, kAny));

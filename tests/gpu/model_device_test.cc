@@ -143,7 +143,9 @@ TEST_P(GpuModel, Bf16WeightsStayClose) {
     // The argmax may only flip when the top two are closer than the error bound.
     std::vector<float> sorted = prompts[i].last_logits;
     std::sort(sorted.rbegin(), sorted.rend());
-    if (sorted[0] - sorted[1] > 0.06f * range) EXPECT_EQ(res->tokens[0], prompts[i].greedy_tokens[0]) << what;
+    if (sorted[0] - sorted[1] > 0.06f * range) {
+      EXPECT_EQ(res->tokens[0], prompts[i].greedy_tokens[0]) << what;
+    }
   }
 }
 

@@ -12,6 +12,23 @@
 //                of conv state, then ssm_state_bytes of SSM state. State (Mamba) layers only.
 //   FINISH:      FrameHeader only (layer, n_blocks, slot and payload_bytes are 0).
 //
+// GPU payload schemes (nccl://, cuda-ipc://): the same connection, Hello and frames, with the
+// payload moved off the socket. payload_bytes keeps its meaning (the bytes the frame lands), so
+// the receiver's framing checks are the ones TCP applies; what follows the ids differs:
+//   GPU SETUP:   once, right after HelloAck: FrameHeader type kGpuSetup, layer = the scheme
+//                (GpuScheme), n_blocks = slot = 0, payload_bytes = the setup payload that
+//                follows (NCCL: the 128-byte ncclUniqueId the sender made; CUDA IPC: none).
+//                The receiver answers with one Ack (status kOk, or kRefused when it listens for
+//                another scheme). A plain TCP receiver closes on the unknown type instead.
+//   nccl://      LAYER / STATE frames carry nothing after the header and ids: the payload parts
+//                (K of each block in id order, then V; or conv then SSM, empty parts skipped)
+//                follow as one grouped ncclSend per part over the connection's 2-rank NCCL
+//                communicator (sender rank 0). The receiver sends nothing after the setup Ack.
+//   cuda-ipc://  after the header and ids, one IpcDescriptor per payload part (same order); the
+//                receiver copies from the sender's exported memory and answers each frame with
+//                an Ack (kOk written, kDropped not expected, kRefused broke the agreement or a
+//                descriptor was out of bounds, kFailed the copy failed). FINISH frames get none.
+//
 // Version 2 added STATE frames and the state layout to the hello. Its first 24 bytes keep the
 // version 1 layout, so either side can read a peer's version before it knows the peer's length:
 // a receiver refusing another version answers with those 24 bytes only, and a sender that reads
@@ -32,7 +49,8 @@ inline constexpr uint16_t kVersion = 2;
 // per-connection id buffer (16 KiB) and what one frame can pin.
 inline constexpr uint32_t kMaxBlocksPerFrame = 4096;
 
-enum class FrameType : uint16_t { kLayer = 1, kFinish = 2, kState = 3 };
+enum class FrameType : uint16_t { kLayer = 1, kFinish = 2, kState = 3, kGpuSetup = 4 };
+enum class GpuScheme : uint32_t { kNccl = 1, kCudaIpc = 2 };
 enum class HelloStatus : uint16_t { kOk = 0, kVersionMismatch = 1, kGeometryMismatch = 2 };
 
 // Hello and HelloAck share one 48-byte layout:
@@ -72,6 +90,28 @@ struct FrameHeader {
   uint64_t payload_bytes = 0;
 };
 inline constexpr size_t kFrameHeaderBytes = 40;
+
+// 0 magic u32 | 4 status u16 | 6 reserved u16 | 8 request_id u64 | 16 attempt u32 | 20 layer u32.
+// The receiver's answer to a GPU SETUP (ids 0) and to each cuda-ipc LAYER / STATE frame (the
+// frame's ids, so a sender can tell an answer that is out of step).
+inline constexpr uint32_t kAckMagic = 0x4b564b43;  // "CKVK"
+enum class AckStatus : uint16_t { kOk = 0, kDropped = 1, kRefused = 2, kFailed = 3 };
+struct Ack {
+  uint32_t magic = kAckMagic;
+  uint16_t status = 0;
+  uint64_t request_id = 0;
+  uint32_t attempt = 0;
+  uint32_t layer = 0;
+};
+inline constexpr size_t kAckBytes = 24;
+
+// 0 cudaIpcMemHandle_t [64 bytes] | 64 allocation_bytes u64 | 72 offset u64: one payload part
+// lives at `offset` in the allocation the handle exports, which the sender says is
+// allocation_bytes long (the receiver also checks against what the driver maps).
+inline constexpr size_t kIpcHandleBytes = 64;
+inline constexpr size_t kIpcDescriptorBytes = 80;
+// The setup payload's upper bound (NCCL_UNIQUE_ID_BYTES), so a receiver reads a bounded amount.
+inline constexpr size_t kMaxSetupPayloadBytes = 128;
 
 // FNV-1a (64-bit) over the ascending indices of the state layers, each as 4 little-endian bytes.
 // Fixed here rather than a library hash because both ends must compute it alike, whatever they
@@ -164,6 +204,24 @@ inline FrameHeader DecodeFrameHeader(const std::byte* b) {
   h.slot = GetU32(&b[28]);
   h.payload_bytes = GetU64(&b[32]);
   return h;
+}
+
+inline void EncodeAck(const Ack& a, std::byte* b) {
+  PutU32(&b[0], a.magic);
+  PutU16(&b[4], a.status);
+  PutU16(&b[6], 0);
+  PutU64(&b[8], a.request_id);
+  PutU32(&b[16], a.attempt);
+  PutU32(&b[20], a.layer);
+}
+inline Ack DecodeAck(const std::byte* b) {
+  Ack a;
+  a.magic = GetU32(&b[0]);
+  a.status = GetU16(&b[4]);
+  a.request_id = GetU64(&b[8]);
+  a.attempt = GetU32(&b[16]);
+  a.layer = GetU32(&b[20]);
+  return a;
 }
 
 }  // namespace cleave::transport::wire

@@ -11,6 +11,7 @@
 #include "cleave/common/metrics.h"
 
 #include "inproc_transport.h"
+#include "payload_path.h"
 #include "tcp_receiver.h"
 #include "tcp_sender.h"
 
@@ -108,9 +109,21 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> CreateKvReceiver(const std::string& 
                                                              ReceiverCallbacks callbacks) {
   if (IsInproc(listen))
     return CreateInprocReceiver(InprocName(listen), store, std::move(callbacks));
-  if (listen == "tcp") return TcpReceiver::Create(options, store, std::move(callbacks));
-  return absl::InvalidArgumentError(
-      "kv receiver: listen must be \"tcp\" or \"inproc://NAME\", got \"" + listen + "\"");
+  const std::optional<PayloadScheme> scheme = ListenScheme(listen);
+  if (!scheme) {
+    return absl::InvalidArgumentError(
+        "kv receiver: listen must be \"tcp\", \"nccl\", \"cuda-ipc\" or \"inproc://NAME\", "
+        "got \"" + listen + "\"");
+  }
+  if (*scheme == PayloadScheme::kTcp) {
+    return TcpReceiver::Create(options, store, std::move(callbacks));
+  }
+  absl::StatusOr<std::unique_ptr<RecvPayloadPath>> payload =
+      MakeRecvPayloadPath(*scheme, options, store);
+  if (!payload.ok()) return payload.status();
+  return TcpReceiver::Create(options, store, std::move(callbacks), *std::move(payload));
 }
+
+bool KvGpuTransportsBuilt() { return GpuPayloadPathsBuilt(); }
 
 }  // namespace cleave::transport

@@ -27,17 +27,27 @@ constexpr size_t kScratchBytes = 64u << 10;
 class ConnectionServer {
  public:
   ConnectionServer(int fd, KvBlockStore& store, TransferTracker& tracker,
-                   const TransportOptions& options)
+                   const TransportOptions& options, RecvPayloadPath* payload)
       : fd_(fd),
         store_(store),
         tracker_(tracker),
         io_timeout_ms_(options.io_timeout_ms),
-        secret_(options.secret) {}
+        secret_(options.secret),
+        payload_(payload) {}
 
   // Returns once the connection is done, having failed the transfers it left open.
   void Run() {
     const std::string peer = PeerAddress(fd_);  // now: a reset peer has no address later
     absl::Status st = Handshake();
+    if (st.ok() && payload_ != nullptr) {
+      absl::StatusOr<std::unique_ptr<RecvPayloadChannel>> channel = payload_->Accept(fd_);
+      if (channel.ok()) {
+        channel_ = *std::move(channel);
+      } else {
+        st = absl::Status(channel.status().code(),
+                          absl::StrCat("GPU setup: ", channel.status().message()));
+      }
+    }
     if (st.ok()) st = ServeFrames();
     const bool clean = absl::IsNotFound(st);
     if (!clean) {
@@ -162,6 +172,7 @@ class ConnectionServer {
     for (size_t i = 0; i < ids_.size(); ++i) {
       ids_[i] = static_cast<int32_t>(wire::GetU32(&id_bytes_[4 * i]));
     }
+    if (channel_) return ServeChannelLayer(h, key);
 
     TransferTracker::LayerTicket ticket = tracker_.BeginLayer(key, h.layer, ids_);
     if (ticket.verdict != TransferTracker::Verdict::kWrite) return Discard(h.payload_bytes);
@@ -184,6 +195,7 @@ class ConnectionServer {
     if (absl::Status s = CheckStateFraming(g, h.n_blocks, h.payload_bytes); !s.ok()) {
       return Violation(key, std::string(s.message()));
     }
+    if (channel_) return ServeChannelState(h, key);
     TransferTracker::LayerTicket ticket = tracker_.BeginState(key, h.layer, h.slot);
     if (ticket.verdict != TransferTracker::Verdict::kWrite) return Discard(h.payload_bytes);
 
@@ -207,6 +219,63 @@ class ConnectionServer {
     return st;
   }
 
+  // GPU schemes: the same judgement as ServeLayer, with the payload moved by the channel. The
+  // parts are K of each block in id order, then V (the sender's FrameSource order).
+  absl::Status ServeChannelLayer(const wire::FrameHeader& h, TransferKey key) {
+    const size_t bb = tracker_.geometry().block_bytes(), n = ids_.size();
+    iov_.assign(2 * n, iovec{nullptr, bb});
+    CLEAVE_RETURN_IF_ERROR(channel_->ReadControl(fd_, iov_.size()));
+    TransferTracker::LayerTicket ticket = tracker_.BeginLayer(key, h.layer, ids_);
+    if (ticket.verdict == TransferTracker::Verdict::kWrite) {
+      const int layer = static_cast<int>(h.layer);
+      for (size_t i = 0; i < n; ++i) {
+        iov_[i].iov_base = store_.BlockData(layer, false, ids_[i]);
+        iov_[n + i].iov_base = store_.BlockData(layer, true, ids_[i]);
+      }
+    }
+    return LandThroughChannel(h, key, ticket, ticket.verdict, "layer");
+  }
+
+  // Parts: conv state, then SSM state, each only when the geometry gives it bytes.
+  absl::Status ServeChannelState(const wire::FrameHeader& h, TransferKey key) {
+    const KvGeometry& g = tracker_.geometry();
+    iov_.clear();
+    if (g.conv_state_bytes > 0) iov_.push_back({nullptr, g.conv_state_bytes});
+    if (g.ssm_state_bytes > 0) iov_.push_back({nullptr, g.ssm_state_bytes});
+    CLEAVE_RETURN_IF_ERROR(channel_->ReadControl(fd_, iov_.size()));
+    TransferTracker::LayerTicket ticket = tracker_.BeginState(key, h.layer, h.slot);
+    TransferTracker::Verdict verdict = ticket.verdict;
+    if (verdict == TransferTracker::Verdict::kWrite) {
+      const int layer = static_cast<int>(h.layer), slot = static_cast<int>(h.slot);
+      size_t i = 0;
+      for (bool is_ssm : {false, true}) {
+        if ((is_ssm ? g.ssm_state_bytes : g.conv_state_bytes) == 0) continue;
+        iov_[i].iov_base = store_.StateData(layer, is_ssm, slot);
+        if (iov_[i++].iov_base == nullptr) verdict = TransferTracker::Verdict::kRefuse;
+      }
+      if (verdict != TransferTracker::Verdict::kWrite) {
+        tracker_.EndLayer(
+            ticket, false,
+            absl::StrCat("store has no state memory for layer ", layer, " slot ", slot));
+      }
+    }
+    return LandThroughChannel(h, key, ticket, verdict, "state");
+  }
+
+  // Lands (or drops) the parts in iov_ and ends a written frame's ticket. Only a failure that
+  // leaves the connection out of step ends the connection.
+  absl::Status LandThroughChannel(const wire::FrameHeader& h, TransferKey key,
+                                  TransferTracker::LayerTicket& ticket,
+                                  TransferTracker::Verdict verdict, const char* what) {
+    const PayloadResult r = channel_->Land(fd_, h, iov_, verdict);
+    if (verdict == TransferTracker::Verdict::kWrite) {
+      tracker_.EndLayer(ticket, r.status.ok(),
+                        absl::StrCat(what, " frame did not land: ", r.status.message()));
+      if (r.status.ok()) open_.insert(key);
+    }
+    return r.connection_ok ? absl::OkStatus() : r.status;
+  }
+
   // Reads and drops a payload nobody will use, through bounded scratch.
   absl::Status Discard(uint64_t n) {
     scratch_.resize(kScratchBytes);
@@ -228,6 +297,8 @@ class ConnectionServer {
   TransferTracker& tracker_;
   const int io_timeout_ms_;
   const std::string& secret_;              // the receiver's options outlive every connection
+  RecvPayloadPath* const payload_;         // GPU schemes; null for plain TCP
+  std::unique_ptr<RecvPayloadChannel> channel_;  // this connection's, after the GPU setup
   std::optional<TransferKey> blame_;       // the transfer whose frame broke the framing
   absl::flat_hash_set<TransferKey> open_;  // wrote at least one frame, no finish yet
   std::vector<std::byte> id_bytes_;        // <= kMaxBlocksPerFrame * 4
@@ -262,19 +333,21 @@ absl::StatusOr<std::string> AdvertisedHost(const TransportOptions& options) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportOptions& options,
-                                                                KvBlockStore& store,
-                                                                ReceiverCallbacks callbacks) {
+absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(
+    const TransportOptions& options, KvBlockStore& store, ReceiverCallbacks callbacks,
+    std::unique_ptr<RecvPayloadPath> payload) {
   if (absl::Status s = CheckGeometry(store.geometry(), /*receiver=*/true); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("kv receiver: store geometry: ", s.message()));
   }
   if (options.io_timeout_ms <= 0) return absl::InvalidArgumentError("io_timeout_ms must be > 0");
   CLEAVE_ASSIGN_OR_RETURN(const std::string host, AdvertisedHost(options));
-  std::unique_ptr<TcpReceiver> r(new TcpReceiver(options, store, std::move(callbacks)));
+  std::unique_ptr<TcpReceiver> r(
+      new TcpReceiver(options, store, std::move(callbacks), std::move(payload)));
   int port = 0;
   CLEAVE_ASSIGN_OR_RETURN(r->listen_fd_,
                           ListenTcp({options.listen_host, options.listen_port}, &port));
-  r->address_ = JoinHostPort(host, port);
+  r->address_ =
+      absl::StrCat(r->payload_ ? r->payload_->prefix() : "", JoinHostPort(host, port));
   r->wake_fd_ = UniqueFd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!r->wake_fd_.valid()) return absl::InternalError("eventfd failed");
   r->accept_thread_ = std::thread([p = r.get()] { p->AcceptLoop(); });
@@ -282,8 +355,11 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> TcpReceiver::Create(const TransportO
 }
 
 TcpReceiver::TcpReceiver(const TransportOptions& options, KvBlockStore& store,
-                         ReceiverCallbacks callbacks)
-    : options_(options), store_(store), tracker_(store.geometry(), std::move(callbacks)) {}
+                         ReceiverCallbacks callbacks, std::unique_ptr<RecvPayloadPath> payload)
+    : options_(options),
+      store_(store),
+      tracker_(store.geometry(), std::move(callbacks)),
+      payload_(std::move(payload)) {}
 
 TcpReceiver::~TcpReceiver() {
   tracker_.Silence();
@@ -342,7 +418,7 @@ void TcpReceiver::AcceptLoop() {
     c->fd = std::move(fd);
     Connection* raw = c.get();
     c->thread = std::thread([this, raw] {
-      ConnectionServer(raw->fd.get(), store_, tracker_, options_).Run();
+      ConnectionServer(raw->fd.get(), store_, tracker_, options_, payload_.get()).Run();
       // Tell the sender at once; the fd itself is closed when the accept loop reaps us.
       shutdown(raw->fd.get(), SHUT_RDWR);
       raw->finished.store(true);

@@ -15,6 +15,12 @@
 //   not expected (never / Forget()ed)     -> drain silently, carry on
 //   connection ends with open transfers   -> fail each of them
 //
+// GPU schemes (payload_path.h): a receiver made with a RecvPayloadPath accepts that path's
+// setup on each connection after the Hello, and lands LAYER / STATE payloads through the
+// connection's channel instead of recv(): the frame is judged exactly as above first, and a
+// frame that is not written is still consumed (into scratch, or by answering it) so the stream
+// stays in step. A channel failure that leaves the stream out of step closes the connection.
+//
 // Connections are refused beyond kMaxConnections so a port scan cannot exhaust threads.
 #pragma once
 
@@ -28,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "cleave/transport/kv_transport.h"
 #include "layer_checks.h"
+#include "payload_path.h"
 #include "socket_io.h"
 #include "transfer_tracker.h"
 
@@ -37,9 +44,10 @@ class TcpReceiver final : public KvReceiver {
  public:
   static constexpr int kMaxConnections = 128;
 
-  static absl::StatusOr<std::unique_ptr<KvReceiver>> Create(const TransportOptions& options,
-                                                            KvBlockStore& store,
-                                                            ReceiverCallbacks callbacks);
+  // `payload`: null for plain TCP; else the GPU scheme (address() then carries its prefix).
+  static absl::StatusOr<std::unique_ptr<KvReceiver>> Create(
+      const TransportOptions& options, KvBlockStore& store, ReceiverCallbacks callbacks,
+      std::unique_ptr<RecvPayloadPath> payload = nullptr);
   // Stops accepting, shuts every connection down and joins its thread. No callback runs once
   // the destructor has started.
   ~TcpReceiver() override;
@@ -57,7 +65,8 @@ class TcpReceiver final : public KvReceiver {
     std::atomic<bool> finished{false};
   };
 
-  TcpReceiver(const TransportOptions& options, KvBlockStore& store, ReceiverCallbacks callbacks);
+  TcpReceiver(const TransportOptions& options, KvBlockStore& store, ReceiverCallbacks callbacks,
+              std::unique_ptr<RecvPayloadPath> payload);
   void AcceptLoop();
   void ReapFinishedLocked();
   void Wake();
@@ -65,6 +74,7 @@ class TcpReceiver final : public KvReceiver {
   const TransportOptions options_;
   KvBlockStore& store_;
   TransferTracker tracker_;
+  const std::unique_ptr<RecvPayloadPath> payload_;  // outlives every connection thread
   std::string address_;
   UniqueFd listen_fd_;
   UniqueFd wake_fd_;  // eventfd: stop, or a connection finished and can be reaped

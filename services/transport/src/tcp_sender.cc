@@ -66,11 +66,13 @@ FrameSource StateFrame(const KvStateSend& state, size_t conv_bytes, size_t ssm_b
 
 }  // namespace
 
-TcpPeerLink::TcpPeerLink(HostPort peer, const TransportOptions& options)
+TcpPeerLink::TcpPeerLink(HostPort peer, const TransportOptions& options,
+                         std::unique_ptr<SendPayloadPath> payload)
     : peer_(std::move(peer)),
-      name_(absl::StrCat(peer_.host, ":", peer_.port)),
+      name_(absl::StrCat(payload ? payload->prefix() : "", peer_.host, ":", peer_.port)),
       options_(options),
-      pool_cap_bytes_(std::min<size_t>(options.max_queued_bytes_per_peer, 16u << 20)) {
+      pool_cap_bytes_(std::min<size_t>(options.max_queued_bytes_per_peer, 16u << 20)),
+      payload_(std::move(payload)) {
   writer_ = std::thread([this] { WriterLoop(); });
 }
 
@@ -109,6 +111,7 @@ absl::Status TcpPeerLink::Send(FrameSource& frame) {
   std::unique_lock lock(mu_);
   if (auto it = open_.find(frame.key); it != open_.end() && !it->second.ok()) return it->second;
   CLEAVE_RETURN_IF_ERROR(EnsureConnectedLocked(lock));
+  if (payload_) return SendThroughChannelLocked(lock, frame);
   if (queue_.empty() && !writing_) return SendDirectLocked(lock, frame);
   return SendQueuedLocked(lock, frame);
 }
@@ -256,10 +259,20 @@ absl::Status TcpPeerLink::EnsureConnectedLocked(std::unique_lock<std::mutex>& lo
     state_ = State::kConnecting;
     lock.unlock();
     absl::StatusOr<UniqueFd> fd = Dial();
+    std::unique_ptr<SendPayloadChannel> channel;
+    if (fd.ok() && payload_) {
+      absl::StatusOr<std::unique_ptr<SendPayloadChannel>> opened = payload_->Open(fd->get());
+      if (opened.ok()) {
+        channel = *std::move(opened);
+      } else {
+        fd = opened.status();
+      }
+    }
     lock.lock();
     ++dial_attempts_;
     if (fd.ok() && !stop_) {
       fd_ = *std::move(fd);
+      channel_ = std::move(channel);
       state_ = State::kConnected;
       ++generation_;
       last_dial_error_ = absl::OkStatus();
@@ -376,6 +389,7 @@ void TcpPeerLink::FailConnectionLocked(uint64_t generation, const absl::Status& 
   if (generation != generation_ || state_ != State::kConnected) return;
   shutdown(fd_.get(), SHUT_RDWR);
   fd_.Reset();
+  channel_.reset();  // no frame is using it: its user failed, or the writer owns the socket
   state_ = State::kDisconnected;
   ++generation_;
   last_failure_ = why;
@@ -425,8 +439,14 @@ absl::StatusOr<TcpPeerLink*> TcpSender::Link(const std::string& peer) {
   std::lock_guard lock(mu_);
   auto it = links_.find(peer);
   if (it != links_.end()) return it->second.get();
-  CLEAVE_ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(peer));
-  auto link = std::make_unique<TcpPeerLink>(std::move(hp), options_);
+  const SchemeAddress where = SplitScheme(peer);
+  CLEAVE_ASSIGN_OR_RETURN(HostPort hp, ParseHostPort(std::string(where.host_port)));
+  std::unique_ptr<SendPayloadPath> payload;
+  if (where.scheme != PayloadScheme::kTcp) {
+    // Not remembered on failure: the caller gets the reason on every send.
+    CLEAVE_ASSIGN_OR_RETURN(payload, MakeSendPayloadPath(where.scheme, options_));
+  }
+  auto link = std::make_unique<TcpPeerLink>(std::move(hp), options_, std::move(payload));
   TcpPeerLink* raw = link.get();
   links_.emplace(peer, std::move(link));
   return raw;

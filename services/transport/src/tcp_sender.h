@@ -17,6 +17,13 @@
 //        └──── a write fails / the peer hangs up: queued frames and every open ────┘
 //              transfer of this peer fail with that error
 //
+// GPU schemes (payload_path.h): a link made with a SendPayloadPath opens that path's channel on
+// each new connection (after the Hello) and sends LAYER / STATE frames through it, one at a
+// time and synchronously: the frame waits until nothing is queued or being written, takes the
+// socket (writing_), and returns once the channel says the source may be reused. FINISH frames
+// still go through the queue and the writer. A channel's frame failure that leaves the stream
+// in step (the receiver refused it) fails only that transfer; any other fails the connection.
+//
 // A transfer is "open" on a link from its first SendLayer / SendState until its Finish. Once the
 // connection carrying it fails it stays failed: later sends return the error without re-dialling
 // and Finish reports it, because the receiver has already dropped what it had of the transfer.
@@ -37,24 +44,17 @@
 #include "absl/status/status.h"
 #include "cleave/transport/kv_transport.h"
 #include "frame.h"
+#include "payload_path.h"
 #include "socket_io.h"
 #include "transfer_tracker.h"
 
 namespace cleave::transport {
 
-// One LAYER or STATE frame as the caller's memory describes it: the encoded header (and a LAYER
-// frame's block ids), then the payload, still in the caller's buffers, in wire order.
-struct FrameSource {
-  TransferKey key;
-  std::vector<std::byte> head;
-  std::vector<iovec> payload;
-  size_t payload_bytes = 0;
-  size_t bytes() const { return head.size() + payload_bytes; }
-};
-
 class TcpPeerLink {
  public:
-  TcpPeerLink(HostPort peer, const TransportOptions& options);
+  // `payload`: null for plain TCP; else the GPU scheme whose channel moves the payload.
+  TcpPeerLink(HostPort peer, const TransportOptions& options,
+              std::unique_ptr<SendPayloadPath> payload = nullptr);
   // Fails what is still queued with Cancelled; callers must not be inside SendLayer/Finish.
   ~TcpPeerLink();
   TcpPeerLink(const TcpPeerLink&) = delete;
@@ -84,6 +84,7 @@ class TcpPeerLink {
   absl::Status Send(FrameSource& frame);
   absl::Status SendDirectLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame);
   absl::Status SendQueuedLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame);
+  absl::Status SendThroughChannelLocked(std::unique_lock<std::mutex>& lock, FrameSource& frame);
   absl::StatusOr<UniqueFd> Dial() const;  // connect + geometry handshake
   void WriterLoop();
   void FailConnectionLocked(uint64_t generation, const absl::Status& why,
@@ -96,6 +97,7 @@ class TcpPeerLink {
   const std::string name_;  // "HOST:PORT", for messages
   const TransportOptions options_;
   const size_t pool_cap_bytes_;  // frame bodies kept for reuse, so steady traffic does not mmap
+  const std::unique_ptr<SendPayloadPath> payload_;  // before channel_: it outlives channels
 
   std::mutex mu_;
   std::condition_variable cv_;  // state, queue and space changes; few waiters, so notify_all
@@ -106,6 +108,7 @@ class TcpPeerLink {
   absl::Status last_dial_error_;
   absl::Status last_failure_;  // what ended the last connection
   UniqueFd fd_;
+  std::unique_ptr<SendPayloadChannel> channel_;  // GPU schemes: this connection's; writing_ uses it
   bool writing_ = false;  // a thread (writer or direct SendLayer) owns fd_ for writing
   std::deque<OutFrame> queue_;
   size_t held_bytes_ = 0;  // queued + being written + reserved by SendLayers still copying

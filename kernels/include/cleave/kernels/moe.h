@@ -9,7 +9,9 @@
 //   SigmoidGatedAdd: out += sigmoid(gate_logit) * y  (Qwen2-MoE's shared expert)
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -36,12 +38,39 @@ struct MoeRouting {
   std::vector<int32_t> permuted_slots;
 
   int tokens_for_expert(int e) const { return expert_offsets[e + 1] - expert_offsets[e]; }
+
+  // Device mirror, filled by the CUDA MoeRoute (router_logits on a CUDA device) and reset to null
+  // by the CPU MoeRoute and by a CUDA MoeRoute of zero tokens. One buffer on the logits' device
+  // holding copies of the host fields above, each at the given byte offset (256-byte aligned):
+  //   device_topk_ids: int32 [T*k]        device_topk_weights: f32 [T*k]
+  //   device_slot_rows: int32 [T*k], the inverse permutation (slot s is permuted row
+  //     device_slot_rows[s]; not kept on the host)
+  //   device_permuted_slots: int32 [T*k]  device_expert_offsets: int32 [E+1]
+  // The CUDA MoeExperts / MoeCombine read it instead of uploading the host fields again; it is a
+  // cache of those fields, so code that edits the host fields by hand must reset `device` (the
+  // ops then upload what they need). Copies of a MoeRouting share the buffer; MoeRoute never
+  // writes a shared buffer (it allocates a fresh one), so a copy keeps describing its own pass.
+  // The buffer is written by MoeRoute on its stream; readers on another stream must be ordered
+  // after that call by the caller (MoeRoute synchronises its stream before returning, so any
+  // later enqueue is).
+  std::shared_ptr<Buffer> device;
+  size_t device_topk_ids = 0;
+  size_t device_topk_weights = 0;
+  size_t device_slot_rows = 0;
+  size_t device_permuted_slots = 0;
+  size_t device_expert_offsets = 0;
 };
 
 // router_logits: f32 [T, E] (contiguous rows). Softmax in f32 over all E experts, then the top_k
 // probabilities; with `renormalize` they are divided by their sum (Mixtral; Qwen2-MoE's
 // norm_topk_prob), otherwise kept as softmax probabilities (Qwen2-MoE default, Jamba).
 // 1 <= top_k <= E. Fills every field of `routing`.
+// CUDA (router_logits on a CUDA device): softmax and top-k run on the device; the T*k ids and
+// weights are copied back into the host fields, which synchronises `stream`, and the permutation
+// is built on the host by the same code as the CPU's (then uploaded to `routing.device`). So the
+// call blocks until the router GEMM before it has finished. Ids equal the CPU's except where two
+// probabilities are within the device's expf/summation rounding of each other; weights agree to
+// a few f32 ulps.
 [[nodiscard]] absl::Status MoeRoute(const Tensor& router_logits, int top_k, bool renormalize,
                                     MoeRouting& routing, Stream* stream = nullptr);
 
@@ -52,13 +81,21 @@ struct MoeExpertWeights {
   int num_experts() const { return static_cast<int>(gate.size()); }
 };
 
-// Scratch for MoeExperts, grown on demand and reused; one per executing thread.
+// Scratch for MoeExperts, grown on demand and reused; one per executing thread. On CUDA the
+// device scratch is used by one stream at a time (calls on different streams with the same
+// workspace must be ordered by the caller); the host vectors serve the CPU path (and slot_rows
+// also the CUDA path's routing check).
 struct MoeWorkspace {
   std::vector<float> permuted_x;   // [T*k, D]
   std::vector<float> gate_up;      // [T*k, 2F]
   std::vector<float> act;          // [T*k, F]
   std::vector<float> expert_out;   // [T*k, D]
   std::vector<int32_t> slot_rows;  // [T*k]: permuted row of slot t*k + j (inverse permutation)
+  // CUDA: permuted activations, gate/up, SwiGLU output, expert outputs and the grouped GEMM's
+  // pointer arrays, on the op's device (kernels/cuda/moe/moe_internal.h lays it out). Allocated
+  // through the CUDA backend and grown on demand (growing frees the old buffer with cudaFree,
+  // which waits for the device).
+  std::shared_ptr<Buffer> device_scratch;
 };
 
 // x: f32 [T, D]; out: f32 [T, D] (overwritten; must not alias x). Experts that receive no token

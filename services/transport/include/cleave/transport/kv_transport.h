@@ -5,7 +5,30 @@
 //                      receiving side against what the scheduler agreed — see KvReceiver::Expect)
 //   "inproc://NAME"    a memcpy into a receiver in the same process (tests, single-process modes;
 //                      no authentication: nothing crosses a process boundary)
-// The NCCL backend (CUDA issue) plugs in as another scheme behind the same two classes.
+//   "nccl://HOST:PORT"      GPU to GPU over NCCL: device memory on both sides
+//   "cuda-ipc://HOST:PORT"  GPU to GPU between two processes on one machine (CUDA IPC): device
+//                           memory on both sides
+// The two GPU schemes are the TCP backend with the payload moved elsewhere: the same
+// connection, secret (authentication), handshake, frame headers and block ids, and the same
+// checks on the receiving side, all on the TCP socket; only the K/V and state bytes travel
+// differently. nccl: after the handshake the sender makes an ncclUniqueId and sends it over
+// the authenticated connection; both sides join a 2-rank NCCL communicator (one per
+// connection; NCCL needs the two ends on different GPUs) and each frame's payload follows its
+// header as grouped ncclSend / ncclRecv. cuda-ipc: the sender describes its source memory (IPC
+// handles of its cudaMalloc allocations plus offsets) and the receiver, after checking the
+// frame, copies from it and acknowledges; SendLayer returns after that acknowledgement.
+// For these schemes every source pointer (KvLayerSend, KvStateSend) must be device memory on
+// TransportOptions::cuda_device, and the receiver's store must return device pointers and say
+// which device (KvBlockStore::cuda_device). The transport reads and writes on its own CUDA
+// streams: the caller must have finished writing a source (e.g. synchronised its compute
+// stream) before SendLayer / SendState; a receiver's blocks are complete when on_ready runs.
+// cuda-ipc sources must be cudaMalloc memory (not stream-ordered pool or VMM memory) that stays
+// allocated while the sender lives, because receivers keep each allocation mapped for the life
+// of the connection (freeing exported memory that is still mapped elsewhere is undefined in
+// CUDA). A peer that dies or stalls fails the transfers on
+// its connection after at most io_timeout_ms (NCCL communicators are aborted) rather than
+// hanging. A binary built without CUDA fails these schemes with FailedPrecondition ("built
+// without CUDA"); a CUDA build on a machine without a usable device with Unavailable.
 //
 // A transfer is keyed by (request_id, attempt). The prefill side sends, per attention layer, the K
 // and V data of a set of destination blocks, and per Mamba layer the request's conv and SSM state
@@ -88,6 +111,9 @@ class KvBlockStore {
     (void)layer, (void)is_ssm, (void)slot;
     return nullptr;
   }
+  // Where BlockData / StateData point: -1 host memory (tcp, inproc), else the CUDA device
+  // ordinal holding them. The nccl and cuda-ipc receivers require >= 0.
+  virtual int cuda_device() const { return -1; }
 };
 
 // One layer of one request, as the sender hands it over: for each destination block i, the bytes
@@ -115,7 +141,8 @@ struct KvStateSend {
 using DoneCallback = std::function<void(absl::Status)>;
 
 // Sends to any number of peers; thread-safe. Data is copied (or written) before SendLayer
-// returns, so the caller may overwrite its source blocks at once. Memory held for a peer is
+// returns, so the caller may overwrite its source blocks at once (nccl: the sending kernels have
+// finished; cuda-ipc: the receiver has copied and acknowledged). Memory held for a peer is
 // bounded: SendLayer blocks while the peer's queue is full, and fails after the send timeout.
 class KvSender {
  public:
@@ -153,8 +180,9 @@ struct ReceiverCallbacks {
 class KvReceiver {
  public:
   virtual ~KvReceiver() = default;
-  // The address senders use to reach this receiver ("HOST:PORT" or "inproc://NAME"). TCP:
-  // advertise_host (else listen_host) and the bound port.
+  // The address senders use to reach this receiver ("HOST:PORT", "nccl://HOST:PORT",
+  // "cuda-ipc://HOST:PORT" or "inproc://NAME"). TCP and the GPU schemes: advertise_host (else
+  // listen_host) and the bound port.
   virtual std::string address() const = 0;
   // Agreement from the scheduler: frames of (request_id, attempt) may write exactly `blocks`
   // (in every KV layer) and, when state_slot >= 0, that slot (in every state layer). Frames for
@@ -201,16 +229,26 @@ struct TransportOptions {
   // Receivers: the host peers must dial (address() reports it); empty = listen_host. A host name
   // or IP only (IPv6 with or without brackets); the port is always the one bound.
   std::string advertise_host;
+  // Senders to nccl:// and cuda-ipc:// peers: the CUDA device holding the source memory (the
+  // NCCL communicator's device; cuda-ipc checks each pointer is on it). -1 (the default) fails
+  // those sends with FailedPrecondition; TCP and inproc ignore it.
+  int cuda_device = -1;
 };
 
 // The sender for every address scheme above.
 std::unique_ptr<KvSender> CreateKvSender(const TransportOptions& options);
 
-// `listen`: "tcp" listens on options.listen_host:listen_port; "inproc://NAME" registers NAME in
-// this process. The store must outlive the receiver.
+// `listen`: "tcp" listens on options.listen_host:listen_port; "nccl" and "cuda-ipc" listen the
+// same way and take that payload scheme (address() is then "nccl://HOST:PORT" /
+// "cuda-ipc://HOST:PORT"; the store must hold device memory: cuda_device() >= 0);
+// "inproc://NAME" registers NAME in this process. The store must outlive the receiver.
 absl::StatusOr<std::unique_ptr<KvReceiver>> CreateKvReceiver(const std::string& listen,
                                                              const TransportOptions& options,
                                                              KvBlockStore& store,
                                                              ReceiverCallbacks callbacks);
+
+// Whether this binary has the nccl:// and cuda-ipc:// backends (built with the CUDA toolkit).
+// Built is not usable: a machine without a GPU still fails them with Unavailable.
+bool KvGpuTransportsBuilt();
 
 }  // namespace cleave::transport
