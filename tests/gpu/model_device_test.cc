@@ -25,6 +25,7 @@
 #include "cleave/model/generator.h"
 #include "cleave/model/kv_cache.h"
 #include "cleave/model/llama2c.h"
+#include "../unit/golden_data.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
@@ -32,51 +33,7 @@ namespace cleave::model {
 namespace {
 
 namespace fs = std::filesystem;
-const fs::path kGoldenDir = "tests/data/golden";
-
-struct GoldenPrompt {
-  std::vector<int32_t> prompt_ids;
-  std::vector<float> last_logits;
-  std::vector<int32_t> greedy_tokens;
-};
-
-std::vector<GoldenPrompt> ReadGolden(const fs::path& file) {
-  std::ifstream in(file);
-  nlohmann::json j = nlohmann::json::parse(in);
-  std::vector<GoldenPrompt> out;
-  for (const auto& p : j.at("prompts")) {
-    out.push_back({p.at("prompt_ids").get<std::vector<int32_t>>(), p.at("last_logits").get<std::vector<float>>(),
-                   p.at("greedy_tokens").get<std::vector<int32_t>>()});
-  }
-  return out;
-}
-
-void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, double rtol, double atol,
-                 const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  double max_abs = 0, max_excess = 0;
-  size_t worst = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double diff = std::isfinite(got[i]) ? std::fabs(static_cast<double>(got[i]) - want[i]) : INFINITY;
-    max_abs = std::max(max_abs, diff);
-    const double excess = diff - (rtol * std::fabs(want[i]) + atol);
-    if (excess > max_excess) {
-      max_excess = excess;
-      worst = i;
-    }
-  }
-  std::printf("%s: max abs err %.3g\n", what.c_str(), max_abs);
-  EXPECT_LE(max_excess, 0.0) << what << ": logit " << worst << " got " << got[worst] << " want " << want[worst];
-}
-
-std::vector<fs::path> GoldenModelDirs() {
-  std::vector<fs::path> dirs;
-  for (const auto& e : fs::directory_iterator(kGoldenDir)) {
-    if (e.is_directory() && fs::exists(e.path() / "golden.json")) dirs.push_back(e.path());
-  }
-  std::sort(dirs.begin(), dirs.end());
-  return dirs;
-}
+using namespace golden;  // NOLINT: the golden-data vocabulary
 
 absl::StatusOr<std::unique_ptr<DecoderModel>> LoadOnGpu(const fs::path& dir, LoadOptions::DeviceWeights w) {
   LoadOptions o;
@@ -116,7 +73,7 @@ TEST_P(GpuModel, AsStoredWeightsMatchTransformers) {
       const std::string what = dir.filename().string() + " prompt " + std::to_string(i) + " chunk " +
                                std::to_string(chunk);
       EXPECT_EQ(res->tokens, prompts[i].greedy_tokens) << what;
-      ExpectClose(res->first_logits, prompts[i].last_logits, 1e-3, 1e-3, what);
+      ExpectLogitsClose(res->first_logits, prompts[i].last_logits, 1e-3, 1e-3, what);
     }
   }
 }
@@ -139,7 +96,7 @@ TEST_P(GpuModel, Bf16WeightsStayClose) {
     float range = 0;
     for (float v : prompts[i].last_logits) range = std::max(range, std::fabs(v));
     const std::string what = dir.filename().string() + " bf16 prompt " + std::to_string(i);
-    ExpectClose(res->first_logits, prompts[i].last_logits, 0.0, 0.03 * range, what);
+    ExpectLogitsClose(res->first_logits, prompts[i].last_logits, 0.0, 0.03 * range, what);
     // The argmax may only flip when the top two are closer than the error bound.
     std::vector<float> sorted = prompts[i].last_logits;
     std::sort(sorted.rbegin(), sorted.rend());

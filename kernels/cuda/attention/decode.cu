@@ -117,7 +117,7 @@ absl::Status Launch(const PagedAttentionArgs& a, const attention::CallShape& cs,
                                                    ") exceed the CUDA grid"));
   }
 
-  attention::StreamScratch scratch(s);
+  StreamScratch scratch(s);
   if (num_parts > 1) {
     const int64_t states = cs.num_seqs * cs.num_q_heads * num_parts;
     CLEAVE_RETURN_IF_ERROR(scratch.Allocate(static_cast<size_t>(states * (2 + cs.head_dim)) * sizeof(float)));

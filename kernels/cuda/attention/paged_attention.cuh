@@ -69,29 +69,6 @@ __device__ __forceinline__ int64_t CacheRow(const Batch& bt, int b, int pos) {
 
 // ---- Host side ---------------------------------------------------------------------------------
 
-// Device scratch for one call, stream-ordered (the default memory pool makes this cheap): freed on
-// the stream when the scope ends, after the kernels already queued that use it.
-class StreamScratch {
- public:
-  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  ~StreamScratch() {
-    if (data_ != nullptr) (void)cudaFreeAsync(data_, stream_);
-  }
-  [[nodiscard]] absl::Status Allocate(size_t bytes) {
-    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&data_, bytes, stream_));
-    return absl::OkStatus();
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* data_ = nullptr;
-};
 
 // A paged-attention call after CheckAttentionArgs: sizes as plain integers.
 struct CallShape {

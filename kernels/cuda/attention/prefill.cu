@@ -71,7 +71,7 @@ absl::Status Launch(const PagedAttentionArgs& a, const attention::CallShape& cs,
     return absl::InvalidArgumentError(absl::StrCat(kOp, ": q ", a.q.DebugString(), " with k_cache ",
                                                    a.k_cache.DebugString(), " exceeds the CUDA grid"));
   }
-  attention::StreamScratch scratch(s);
+  StreamScratch scratch(s);
   CLEAVE_RETURN_IF_ERROR(scratch.Allocate(static_cast<size_t>(cs.num_seqs + 1) * sizeof(int64_t)));
   PlanPrefillKernel<<<1, kPlanThreads, 0, s>>>(bt, static_cast<int>(cs.group), tile_rows, scratch.as<int64_t>());
   CLEAVE_CUDA_RETURN_IF_LAUNCH_ERROR("PagedAttentionPrefill plan launch");

@@ -177,6 +177,43 @@ class FirstBadIndex {
   unsigned long long* slot_ = nullptr;
 };
 
+// Device scratch for the duration of one call, stream-ordered (the default memory pool makes this
+// cheap): freed on the stream when the scope ends (or by Free), after the kernels already queued
+// that use it.
+class StreamScratch {
+ public:
+  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  ~StreamScratch() {
+    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);
+  }
+  [[nodiscard]] absl::Status Allocate(size_t bytes) {
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&ptr_, bytes > 0 ? bytes : 1, stream_));
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  // `offset` bytes in, viewed as T.
+  template <typename T>
+  T* At(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<unsigned char*>(ptr_) + offset);
+  }
+  // Frees now (stream-ordered), reporting the error the destructor would swallow.
+  [[nodiscard]] absl::Status Free() {
+    void* p = ptr_;
+    ptr_ = nullptr;
+    CLEAVE_CUDA_RETURN_IF_ERROR(cudaFreeAsync(p, stream_));
+    return absl::OkStatus();
+  }
+
+ private:
+  cudaStream_t stream_;
+  void* ptr_ = nullptr;
+};
+
 // One i32 element of a device array, for an error message (synchronises the stream).
 [[nodiscard]] inline absl::Status ReadI32(const int32_t* device_ptr, cudaStream_t stream, int32_t* value) {
   CLEAVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(value, device_ptr, sizeof(*value), cudaMemcpyDeviceToHost, stream));

@@ -51,32 +51,6 @@ Layout MakeLayout(int64_t rows, int64_t num_entries, int64_t penalized_rows, int
   return l;
 }
 
-// A cudaMallocAsync'ed block, freed (stream-ordered) when it goes out of scope.
-class Workspace {
- public:
-  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  ~Workspace() {
-    if (base_ != nullptr) (void)cudaFreeAsync(base_, stream_);
-  }
-  [[nodiscard]] absl::Status Allocate(size_t bytes) {
-    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&base_), bytes, stream_));
-    return absl::OkStatus();
-  }
-  template <typename T>
-  T* At(size_t offset) const { return reinterpret_cast<T*>(base_ + offset); }
-  [[nodiscard]] absl::Status Free() {
-    unsigned char* base = base_;
-    base_ = nullptr;
-    CLEAVE_CUDA_RETURN_IF_ERROR(cudaFreeAsync(base, stream_));
-    return absl::OkStatus();
-  }
-
- private:
-  cudaStream_t stream_;
-  unsigned char* base_ = nullptr;
-};
 
 // CUB's segmented sort: query (temp == nullptr) or run. Descending by key, stable, so equal keys
 // keep stage 1's id order.
@@ -147,7 +121,7 @@ absl::Status SampleRowsOnDevice(const Tensor& logits, const SampleRowSpec* specs
                                              nullptr, nullptr, s));
   }
   const Layout lay = MakeLayout(rows, num_entries, penalized_rows, slots, vocab, temp_bytes);
-  Workspace ws(s);
+  StreamScratch ws(s);
   CLEAVE_RETURN_IF_ERROR(ws.Allocate(lay.total));
 
   const float* base = logits.data_as<const float>();

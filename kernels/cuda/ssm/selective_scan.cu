@@ -149,7 +149,7 @@ absl::Status SelectiveScan(SelectiveScanArgs& a, Stream* stream) {
 
   FirstBadIndex bad(s);
   CLEAVE_RETURN_IF_ERROR(bad.Init());
-  ssm::StreamScratch offsets(s), carry(s);
+  StreamScratch offsets(s), carry(s);
   CLEAVE_RETURN_IF_ERROR(offsets.Allocate(static_cast<size_t>(num_seqs + 1) * sizeof(int32_t)));
   p.seqs.chunk_off = offsets.as<int32_t>();
   CLEAVE_RETURN_IF_ERROR(ssm::LaunchSequenceCheck(p.seqs, t, num_slots, offsets.as<int32_t>(), bad.slot(), s));

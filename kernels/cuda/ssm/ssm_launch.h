@@ -16,28 +16,6 @@ namespace cleave::kernels::cuda::ssm {
 
 inline constexpr int kChannelsPerBlock = 128;  // threads of the per-item kernels
 
-// Device memory for the duration of one call, allocated and freed in stream order.
-class StreamScratch {
- public:
-  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  ~StreamScratch() {
-    if (ptr_ != nullptr) (void)cudaFreeAsync(ptr_, stream_);
-  }
-  [[nodiscard]] absl::Status Allocate(size_t bytes) {
-    CLEAVE_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&ptr_, bytes > 0 ? bytes : 1, stream_));
-    return absl::OkStatus();
-  }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
 
 // Multiprocessors of `device` (cached; the device's properties do not change).
 [[nodiscard]] absl::Status MultiprocessorCount(int device, int* count);
