@@ -323,33 +323,46 @@ absl::Status DecoderModel::ComputeLogits(const ForwardBatch& batch, Workspace& w
   const int64_t d = config_.hidden_size;
   logits.resize(n * config_.vocab_size);
   if (n == 0) return absl::OkStatus();
+  if (backend_ != nullptr) {
+    // On a device the logits come back to the host for sampling (the copy waits for the pass).
+    CLEAVE_ASSIGN_OR_RETURN(const Tensor out, ComputeDeviceLogits(batch, ws, h));
+    return backend_->CopyToHost(out.data(), logits.data(), out.nbytes(), nullptr);
+  }
   // Only the rows that are sampled go through the final norm and the LM head.
   CLEAVE_ASSIGN_OR_RETURN(Tensor res, Scratch(ws, ws.final_residual, n, d));
   CLEAVE_ASSIGN_OR_RETURN(Tensor delta, Scratch(ws, ws.final_delta, n, d));
   CLEAVE_ASSIGN_OR_RETURN(Tensor normed, Scratch(ws, ws.final_normed, n, d));
-  if (backend_ != nullptr) {
-    // A row gather is an embedding lookup with the hidden rows as the table; its id check is the
-    // logits index check.
-    const internal::BatchTensors plan = Plan(batch, ws);
-    CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.residual, res));
-    CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.delta, delta));
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t row = batch.logits_indices[i];
-      CLEAVE_CHECK_ARG(row >= 0 && row < h.residual.dim(0), "logits index out of range");
-      std::memcpy(res.data_as<float>() + i * d, h.residual.data_as<float>() + row * d, d * sizeof(float));
-      std::memcpy(delta.data_as<float>() + i * d, h.delta.data_as<float>() + row * d, d * sizeof(float));
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t row = batch.logits_indices[i];
+    CLEAVE_CHECK_ARG(row >= 0 && row < h.residual.dim(0), "logits index out of range");
+    std::memcpy(res.data_as<float>() + i * d, h.residual.data_as<float>() + row * d, d * sizeof(float));
+    std::memcpy(delta.data_as<float>() + i * d, h.delta.data_as<float>() + row * d, d * sizeof(float));
   }
   CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(delta, res, final_norm_, config_.rms_norm_eps, normed));
-  if (backend_ == nullptr) {
-    Tensor out(logits.data(), DType::kF32, {n, config_.vocab_size});
-    return kernels::Linear(normed, lm_head_, nullptr, out);
-  }
-  // On a device the logits come back to the host for sampling (the copy waits for the pass).
-  CLEAVE_ASSIGN_OR_RETURN(Tensor out, ws.device->F32(&logits, n, config_.vocab_size));
+  Tensor out(logits.data(), DType::kF32, {n, config_.vocab_size});
+  return kernels::Linear(normed, lm_head_, nullptr, out);
+}
+
+absl::StatusOr<Tensor> DecoderModel::ComputeDeviceLogits(const ForwardBatch& batch, Workspace& ws,
+                                                         HiddenState& h) const {
+  CLEAVE_CHECK_ARG(backend_ != nullptr && ws.device != nullptr,
+                   "ComputeDeviceLogits needs a model on a device and a pass run on it");
+  const int64_t n = static_cast<int64_t>(batch.logits_indices.size());
+  const int64_t d = config_.hidden_size;
+  CLEAVE_CHECK_ARG(n > 0, "the batch asks for no logits");
+  CLEAVE_ASSIGN_OR_RETURN(Tensor res, Scratch(ws, ws.final_residual, n, d));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor delta, Scratch(ws, ws.final_delta, n, d));
+  CLEAVE_ASSIGN_OR_RETURN(Tensor normed, Scratch(ws, ws.final_normed, n, d));
+  // A row gather is an embedding lookup with the hidden rows as the table; its id check is the
+  // logits index check.
+  const internal::BatchTensors plan = Plan(batch, ws);
+  CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.residual, res));
+  CLEAVE_RETURN_IF_ERROR(kernels::EmbeddingLookup(plan.logits_indices, h.delta, delta));
+  CLEAVE_RETURN_IF_ERROR(kernels::AddRmsNorm(delta, res, final_norm_, config_.rms_norm_eps, normed));
+  // Keyed by the workspace's own field: the logits live with the rest of its scratch.
+  CLEAVE_ASSIGN_OR_RETURN(Tensor out, ws.device->F32(&ws.final_logits, n, config_.vocab_size));
   CLEAVE_RETURN_IF_ERROR(kernels::Linear(normed, lm_head_, nullptr, out));
-  return backend_->CopyToHost(out.data(), logits.data(), out.nbytes(), nullptr);
+  return out;
 }
 
 absl::Status DecoderModel::Forward(const ForwardBatch& batch, KvCache& cache, Workspace& ws,

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "cleave/common/logging.h"
 #include "cleave/common/status.h"
+#include "cleave/kernels/device_sampling.h"
 #include "cleave/kernels/sampling.h"
 #include "cleave/worker/afd.h"
 #include "cleave/worker/worker_metrics.h"
@@ -471,6 +472,13 @@ bool Engine::Step() {
   // The step histogram times forward + sample only; composing is bookkeeping.
   const auto forward_start = metrics != nullptr ? std::chrono::steady_clock::now() : start;
   const bool ship = options_.role == v1::WORKER_ROLE_PREFILL;
+  // The rows that sample this step (a sequence whose prompt is now fully computed), in the order
+  // of their logits rows.
+  std::vector<kernels::SamplerState*> samplers;
+  for (size_t i = 0; i < members.size(); ++i) {
+    if (spans[i].second == static_cast<int>(members[i]->tokens.size())) samplers.push_back(members[i]->sampler.get());
+  }
+  std::vector<absl::StatusOr<kernels::SampleResult>> samples;
   absl::Status status;
   if (options_.afd != nullptr) {
     status = RunAfd(members, spans);
@@ -483,21 +491,34 @@ bool Engine::Step() {
     absl::StatusOr<model::HiddenState> h = status.ok() ? model_.Embed(batch, ws_) : absl::StatusOr<model::HiddenState>(status);
     status = h.status();
     if (status.ok()) status = RunLayers(batch, members, spans, *h);
-    if (status.ok()) status = model_.ComputeLogits(batch, ws_, *h, logits_);
+    if (status.ok() && !model_.device().is_cpu() && !samplers.empty()) {
+      // A model on a GPU samples there: only the chosen tokens (and logprobs) come back, not
+      // batch x vocab logits.
+      absl::StatusOr<kernels::Tensor> logits = model_.ComputeDeviceLogits(batch, ws_, *h);
+      status = logits.status();
+      samples.resize(samplers.size(), absl::UnknownError("not sampled"));
+      if (status.ok()) status = kernels::SampleRows(*logits, samplers, samples, nullptr);
+    } else if (status.ok()) {
+      status = model_.ComputeLogits(batch, ws_, *h, logits_);
+    }
     if (metrics != nullptr) metrics->AddExpertTokens(ws_.expert_tokens);
+  }
+  if (status.ok() && samples.empty()) {
+    // The host samples each row from the logits copied back (the CPU backend, AFD).
+    const int vocab = model_.config().vocab_size;
+    for (size_t row = 0; row < samplers.size(); ++row) {
+      samples.push_back(kernels::Sample(std::span<float>(logits_.data() + row * vocab, vocab), *samplers[row]));
+    }
   }
   if (!status.ok()) {
     for (Seq* s : members) fail(*s, "step", status);
   } else {
-    const int vocab = model_.config().vocab_size;
     size_t row = 0;
     for (size_t i = 0; i < members.size(); ++i) {
       Seq& s = *members[i];
       s.num_computed = spans[i].second;
       if (s.num_computed == static_cast<int>(s.tokens.size())) {
-        std::span<float> logits(logits_.data() + row * vocab, vocab);
-        ++row;
-        absl::StatusOr<kernels::SampleResult> sample = kernels::Sample(logits, *s.sampler);
+        absl::StatusOr<kernels::SampleResult>& sample = samples[row++];
         if (!sample.ok()) {
           fail(s, "sampling", sample.status());
           continue;

@@ -40,7 +40,7 @@ struct BatchTensors;
 // does not allocate. One per executing thread.
 struct Workspace {
   std::vector<float> residual, delta, normed, q, k, v, attn, gate_up, act;
-  std::vector<float> final_residual, final_delta, final_normed;
+  std::vector<float> final_residual, final_delta, final_normed, final_logits;
   // Mamba mixer: in_proj output [T, 2 d_inner] (x | z), conv output, x_proj output [T, r + 2N],
   // dt [T, d_inner], scan output.
   std::vector<float> xz, conv_out, xdbc, dt, scan_out;
@@ -113,6 +113,11 @@ class DecoderModel {
   [[nodiscard]] absl::Status RunFfn(int layer, Workspace& ws, HiddenState& h) const;
   [[nodiscard]] absl::Status ComputeLogits(const ForwardBatch& batch, Workspace& ws, HiddenState& h,
                                            std::vector<float>& logits) const;
+  // A model on a device: the same logits, f32 [logits_indices.size(), vocab], left on the device
+  // (a view of ws's scratch, valid until the workspace's next pass) for a device sampler, with
+  // no copy to the host. FailedPrecondition on the CPU.
+  [[nodiscard]] absl::StatusOr<kernels::Tensor> ComputeDeviceLogits(const ForwardBatch& batch, Workspace& ws,
+                                                                    HiddenState& h) const;
 
   // Attention-FFN disaggregation: RunFfn cut at the wire (see decoder_afd.cc). The attention side
   // runs FfnInput (and for MoE layers RouteMoe), ships `normed` to the FFN workers, and folds
