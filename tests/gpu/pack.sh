@@ -3,7 +3,8 @@
 # and ninja but not this project's Debian libraries (Abseil, GoogleTest, OpenBLAS, gRPC...): the
 # GPU test binaries built here, plus every shared library they load that is neither glibc's nor
 # CUDA's, copied into DEST (default .gpu-carry, git-ignored) so that the whole folder can travel
-# to the machine. There: `tests/gpu/run.sh --prebuilt .gpu-carry OUT_DIR`.
+# to the machine, packed as DEST.tar.xz. There: `tar xJf .gpu-carry.tar.xz && tests/gpu/run.sh
+# --prebuilt .gpu-carry OUT_DIR`.
 #
 # CUDA's own libraries (libcudart, libcublas, libcublasLt: the last alone is 0.5 GB) are not
 # copied: the binaries look for them in /usr/local/cuda/lib, as the toolkit lays them out.
@@ -31,5 +32,9 @@ done
 # converted model (models/stories260K, git-ignored) must be carried next to .gpu-carry.
 # libnccl (218 MB) is not copied either: the transport loads it at run time (dlopen) and the NCCL
 # path reports Unavailable where the image lacks it; CUDA IPC needs only the CUDA runtime.
-du -sh "$DEST"
-grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >>.git/info/exclude
+# Symbols are not needed to run; an archive travels in a quarter of the space (the device
+# carry limit is 64 MiB in all): there, `tar xJf .gpu-carry.tar.xz` first.
+strip -s "$DEST"/bin/* "$DEST"/lib/* 2>/dev/null || true
+tar -cJf "$DEST.tar.xz" "$DEST"
+du -sh "$DEST" "$DEST.tar.xz"
+grep -qx '/.gpu-carry*' .git/info/exclude 2>/dev/null || echo '/.gpu-carry*' >>.git/info/exclude

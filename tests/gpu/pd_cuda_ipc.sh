@@ -20,6 +20,8 @@ trap 'kill -TERM $SERVE 2>/dev/null; wait $SERVE 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
   if curl -sf localhost:8000/ready >/dev/null 2>&1; then break; fi
   if ! kill -0 $SERVE 2>/dev/null; then echo "serve exited:"; tail -n 40 "$OUT/serve.log"; exit 1; fi
+  # A worker that cannot start (no device, out of memory) fails the run at once, not after 60 s.
+  if grep -q "exited with status" "$OUT/serve.log"; then echo "a worker exited:"; tail -n 40 "$OUT/serve.log"; exit 1; fi
   sleep 0.5
 done
 curl -sf localhost:8000/ready >/dev/null || { echo "not ready after 60 s"; tail -n 40 "$OUT/serve.log"; exit 1; }
