@@ -1,7 +1,9 @@
 // CUDA implementations of the ops of gemm.h, norm.h, rope.h, activation.h and embedding.h, behind
 // the same calls: each public entry point (kernels::Linear, kernels::AddRmsNorm, ...) forwards
 // here when its output tensor is on a CUDA device, in builds with CUDA (CLEAVE_WITH_CUDA). Model
-// code never calls these directly.
+// code never calls these directly. The other op families have their own headers with the same
+// contract: cuda_attention_ops.h, cuda_moe_ops.h, cuda_ssm_ops.h, and device_sampling.h (a new
+// batched call rather than a twin of a CPU one).
 //
 // Contracts are the CPU ops' (same shapes, dtypes, aliasing rules, InvalidArgument on a bad
 // argument), plus: every tensor of a call is on the same CUDA device; `stream` null means that
