@@ -212,4 +212,22 @@ absl::Status DescribeBadBatch(const char* op, const Batch& bt, bool decode, int6
   return OpError(op, absl::StrCat("the batch metadata of sequence ", b, " was rejected on the device"));
 }
 
+absl::Status RunChecked(const char* op, const PagedAttentionArgs& args, Stream* stream, bool decode,
+                        LaunchFn launch) {
+  CallShape cs;
+  CLEAVE_RETURN_IF_ERROR(CheckAttentionArgs(op, args, stream, decode, &cs));
+  ScopedDevice scoped;
+  CLEAVE_RETURN_IF_ERROR(scoped.Set(cs.device.index));
+  const cudaStream_t s = NativeStream(stream);
+  FirstBadIndex bad(s);
+  CLEAVE_RETURN_IF_ERROR(bad.Init());
+  const Batch bt = MakeBatch(args);
+  CLEAVE_RETURN_IF_ERROR(LaunchValidateBatch(bt, decode, bad.slot(), s));
+  CLEAVE_RETURN_IF_ERROR(launch(args, cs, bt, s));
+  int64_t first_bad = -1;
+  CLEAVE_RETURN_IF_ERROR(bad.Read(&first_bad));
+  if (first_bad < 0) return absl::OkStatus();
+  return DescribeBadBatch(op, bt, decode, first_bad, s);
+}
+
 }  // namespace cleave::kernels::cuda::attention

@@ -144,21 +144,7 @@ absl::Status Launch(const PagedAttentionArgs& a, const attention::CallShape& cs,
 
 // Blocking: synchronises `stream` to report bad batch metadata.
 absl::Status PagedAttentionDecode(const PagedAttentionArgs& args, Stream* stream) {
-  constexpr const char* kOp = "PagedAttentionDecode";
-  attention::CallShape cs;
-  CLEAVE_RETURN_IF_ERROR(attention::CheckAttentionArgs(kOp, args, stream, /*decode=*/true, &cs));
-  ScopedDevice scoped;
-  CLEAVE_RETURN_IF_ERROR(scoped.Set(cs.device.index));
-  const cudaStream_t s = NativeStream(stream);
-  FirstBadIndex bad(s);
-  CLEAVE_RETURN_IF_ERROR(bad.Init());
-  const Batch bt = attention::MakeBatch(args);
-  CLEAVE_RETURN_IF_ERROR(attention::LaunchValidateBatch(bt, /*decode=*/true, bad.slot(), s));
-  CLEAVE_RETURN_IF_ERROR(Launch(args, cs, bt, s));
-  int64_t first_bad = -1;
-  CLEAVE_RETURN_IF_ERROR(bad.Read(&first_bad));
-  if (first_bad < 0) return absl::OkStatus();
-  return attention::DescribeBadBatch(kOp, bt, /*decode=*/true, first_bad, s);
+  return attention::RunChecked("PagedAttentionDecode", args, stream, /*decode=*/true, Launch);
 }
 
 }  // namespace cleave::kernels::cuda

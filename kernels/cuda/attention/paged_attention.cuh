@@ -100,4 +100,12 @@ Batch MakeBatch(const PagedAttentionArgs& a);
 [[nodiscard]] absl::Status DescribeBadBatch(const char* op, const Batch& batch, bool decode, int64_t first_bad,
                                             cudaStream_t stream);
 
+// One attention call, as both public ops run it: host checks, the device check of the batch
+// metadata queued next to `launch`'s kernels, then the verdict read back (synchronises the
+// stream) and turned into the CPU's message when something was out of range.
+using LaunchFn = absl::Status (*)(const PagedAttentionArgs& a, const CallShape& cs, const Batch& bt,
+                                  cudaStream_t s);
+[[nodiscard]] absl::Status RunChecked(const char* op, const PagedAttentionArgs& args, Stream* stream, bool decode,
+                                      LaunchFn launch);
+
 }  // namespace cleave::kernels::cuda::attention
