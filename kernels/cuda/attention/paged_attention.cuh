@@ -100,6 +100,26 @@ Batch MakeBatch(const PagedAttentionArgs& a);
 [[nodiscard]] absl::Status DescribeBadBatch(const char* op, const Batch& batch, bool decode, int64_t first_bad,
                                             cudaStream_t stream);
 
+// The fields prefill and decode parameters share: q, the caches, out, their strides and the head
+// geometry (both params structs name them alike).
+template <typename Params>
+void FillQueryKvOut(Params& p, const PagedAttentionArgs& a, const CallShape& cs) {
+  p.q = a.q.data_as<const float>();
+  p.q_stride_token = a.q.stride(0);
+  p.q_stride_head = a.q.stride(1);
+  p.k_cache = a.k_cache.data();
+  p.v_cache = a.v_cache.data();
+  p.pos_stride = cs.num_kv_heads * cs.head_dim;
+  p.num_q_heads = static_cast<int>(cs.num_q_heads);
+  p.num_kv_heads = static_cast<int>(cs.num_kv_heads);
+  p.group = static_cast<int>(cs.group);
+  p.head_dim = static_cast<int>(cs.head_dim);
+  p.scale = a.scale;
+  p.out = a.out.data_as<float>();
+  p.out_stride_token = a.out.stride(0);
+  p.out_stride_head = a.out.stride(1);
+}
+
 // One attention call, as both public ops run it: host checks, the device check of the batch
 // metadata queued next to `launch`'s kernels, then the verdict read back (synchronises the
 // stream) and turned into the CPU's message when something was out of range.

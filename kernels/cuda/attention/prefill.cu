@@ -79,20 +79,7 @@ absl::Status Launch(const PagedAttentionArgs& a, const attention::CallShape& cs,
   PrefillParams p;
   p.batch = bt;
   p.tile_start = scratch.as<const int64_t>();
-  p.q = a.q.data_as<const float>();
-  p.q_stride_token = a.q.stride(0);
-  p.q_stride_head = a.q.stride(1);
-  p.k_cache = a.k_cache.data();
-  p.v_cache = a.v_cache.data();
-  p.pos_stride = cs.num_kv_heads * cs.head_dim;
-  p.num_q_heads = static_cast<int>(cs.num_q_heads);
-  p.num_kv_heads = static_cast<int>(cs.num_kv_heads);
-  p.group = static_cast<int>(cs.group);
-  p.head_dim = static_cast<int>(cs.head_dim);
-  p.scale = a.scale;
-  p.out = a.out.data_as<float>();
-  p.out_stride_token = a.out.stride(0);
-  p.out_stride_head = a.out.stride(1);
+  attention::FillQueryKvOut(p, a, cs);
   const bool dh4 = cs.head_dim % 4 == 0;
   p.q_vec = dh4 && Aligned16(a.q.data()) && (cs.num_tokens <= 1 || a.q.stride(0) % 4 == 0) &&
             (cs.num_q_heads <= 1 || a.q.stride(1) % 4 == 0);
